@@ -1,0 +1,1 @@
+"""The `pymaddy` / `maddy` command line."""

@@ -1,0 +1,1 @@
+"""Modifiers: envelope and header rewriting (dkim signing, replace_rcpt, replace_sender)."""

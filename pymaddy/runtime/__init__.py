@@ -1,0 +1,1 @@
+"""Running a compiled graph: listeners, signals, reload with socket hand-over, logging."""

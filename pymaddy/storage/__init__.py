@@ -1,0 +1,1 @@
+"""Mail storage (storage.imapsql) and blob stores (fs, s3)."""

@@ -1,0 +1,1 @@
+"""Tables: key → values lookups (static, file, regexp, chain, sql, identity, …)."""

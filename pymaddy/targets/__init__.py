@@ -1,0 +1,1 @@
+"""Delivery targets (remote, queue, smtp, lmtp) and MX authentication policies."""

@@ -1,0 +1,1 @@
+"""TLS: the `tls` / `tls_client` directives and certificate loaders."""
