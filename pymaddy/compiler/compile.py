@@ -163,6 +163,7 @@ class Compiler:
             except (ConfigError, ValueError) as e:
                 self._report(child, e)
                 out.present.add(child.name)
+                out.failed.add(child.name)
                 continue
             if d.repeat:
                 out.setdefault(d.name, []).append(value)
@@ -183,7 +184,9 @@ class Compiler:
             if d.name in out.present:
                 continue
             if d.inherit and d.name in self._globals.present:
-                out[d.name] = self._globals[d.name]
+                out[d.name] = self._globals.get(d.name)
+                if d.name in self._globals.failed:
+                    out.failed.add(d.name)
             elif d.required:
                 if owner is not None:
                     self.errors.at(owner, f"missing required directive: {d.name}")

@@ -44,12 +44,15 @@ class Settings(dict[str, Any]):
     """Typed, validated values of one block, keyed by directive name.
 
     `present` lists the directives actually written (not defaulted or inherited),
-    `nodes` keeps their nodes for runtime errors that must point at the config.
+    `failed` those whose value was rejected (already reported: validators skip
+    checks that depend on them, so one mistake gives one error), `nodes` keeps
+    their nodes for runtime errors that must point at the config.
     """
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.present: set[str] = set()
+        self.failed: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self.node: Node | None = None
 

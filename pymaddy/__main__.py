@@ -1,0 +1,3 @@
+from pymaddy.cli.main import main
+
+raise SystemExit(main())

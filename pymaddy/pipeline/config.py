@@ -1,0 +1,313 @@
+"""The message pipeline grammar (spec §D.1), validated into a typed routing tree.
+
+Three levels: root (global checks/modifiers, source selection), source blocks
+(destination selection) and recipient blocks (deliver_to / reroute / reject).
+When a level has no selection rules, the level itself is the default block, so
+`smtp … { deliver_to &x }` works without `default_source`/`default_destination`.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymaddy.config.errors import ConfigError
+from pymaddy.config.ir import Node
+from pymaddy.config.schema import Ctx
+from pymaddy.config.values import validate_domain
+
+if TYPE_CHECKING:
+    from pymaddy.compiler.graph import ModuleInstance
+
+
+@dataclass(frozen=True)
+class RejectSpec:
+    """An SMTP error given by `reject [CODE [ENH [MSG]]]`."""
+
+    code: int = 554
+    enhanced: tuple[int, int, int] = (5, 7, 0)
+    message: str = "Message rejected due to a local policy"
+
+
+@dataclass
+class RcptBlock:
+    node: Node | None
+    checks: list[ModuleInstance] = field(default_factory=list)
+    modifiers: list[ModuleInstance] = field(default_factory=list)
+    targets: list[ModuleInstance | Pipeline] = field(default_factory=list)
+    reject: RejectSpec | None = None
+
+
+@dataclass
+class SourceBlock:
+    node: Node | None
+    checks: list[ModuleInstance] = field(default_factory=list)
+    modifiers: list[ModuleInstance] = field(default_factory=list)
+    rcpt_in: list[tuple[ModuleInstance, RcptBlock]] = field(default_factory=list)
+    per_rcpt: dict[str, RcptBlock] = field(default_factory=dict)
+    default_rcpt: RcptBlock | None = None
+
+
+@dataclass
+class Pipeline:
+    node: Node | None
+    checks: list[ModuleInstance] = field(default_factory=list)
+    modifiers: list[ModuleInstance] = field(default_factory=list)
+    source_in: list[tuple[ModuleInstance, SourceBlock]] = field(default_factory=list)
+    per_source: dict[str, SourceBlock] = field(default_factory=dict)
+    default_source: SourceBlock | None = None
+    dmarc: bool = False
+
+
+class _Fail(Exception):
+    """A pipeline error already recorded; abandons the current block only."""
+
+
+def parse_pipeline(node: Node, ctx: Ctx) -> Pipeline:
+    """A pipeline written as a block: `msgpipeline x { … }`, `reroute { … }`, `bounce { … }`."""
+    return parse_pipeline_nodes(node, list(node.children or []), ctx)
+
+
+def parse_pipeline_nodes(owner: Node, nodes: list[Node], ctx: Ctx) -> Pipeline:
+    pipe = Pipeline(owner)
+    default_src: list[Node] | None = None
+    others: list[Node] = []
+    for n in nodes:
+        try:
+            if n.name == "check":
+                pipe.checks.extend(_group(n, ctx, "checks", "checks_group"))
+            elif n.name == "modify":
+                pipe.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
+            elif n.name == "source_in":
+                table = _inline_table(n, ctx)
+                block = _source(n, list(n.children or []), ctx)
+                if table is not None:
+                    pipe.source_in.append((table, block))
+            elif n.name == "source":
+                block = _source(n, list(n.children or []), ctx)
+                if not n.args:
+                    ctx.errors.at(n, "expected at least one source matching rule")
+                for rule in _rules(n, ctx, "source"):
+                    # The first block naming a rule wins; later duplicates are ignored.
+                    pipe.per_source.setdefault(rule, block)
+            elif n.name == "default_source":
+                if default_src is not None:
+                    ctx.errors.at(n, "duplicate 'default_source' block")
+                    continue
+                default_src = list(n.children or [])
+            elif n.name == "dmarc":
+                pipe.dmarc = _dmarc(n, ctx)
+            elif n.name in ("deliver_to", "reroute", "destination_in", "destination", "default_destination", "reject"):
+                others.append(n)
+            else:
+                ctx.errors.at(n, f"unknown pipeline directive: {n.name}")
+        except ConfigError as e:
+            ctx.errors.add(e)
+        except _Fail:
+            pass
+
+    if not pipe.per_source and not default_src:
+        if not others:
+            ctx.errors.at(owner, "empty pipeline configuration, use 'reject' to reject messages")
+            return pipe
+        pipe.default_source = _source(owner, others, ctx)
+        return pipe
+    if others:
+        ctx.errors.at(
+            others[0],
+            "can't put handling directives together with source rules, did you mean to put it into "
+            "'default_source' block or into all source blocks?",
+        )
+    if not default_src:
+        ctx.errors.at(nodes[0] if nodes else owner, "missing or empty default source block, use default_source { reject } to reject messages")
+        return pipe
+    pipe.default_source = _source(owner, default_src, ctx)
+    return pipe
+
+
+def _source(owner: Node, nodes: list[Node], ctx: Ctx) -> SourceBlock:
+    src = SourceBlock(owner)
+    default_rcpt: list[Node] | None = None
+    others: list[Node] = []
+    for n in nodes:
+        try:
+            if n.name == "check":
+                src.checks.extend(_group(n, ctx, "checks", "checks_group"))
+            elif n.name == "modify":
+                src.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
+            elif n.name == "destination_in":
+                table = _inline_table(n, ctx)
+                block = _rcpt(n, list(n.children or []), ctx)
+                if table is not None:
+                    src.rcpt_in.append((table, block))
+            elif n.name == "destination":
+                block = _rcpt(n, list(n.children or []), ctx)
+                if not n.args:
+                    ctx.errors.at(n, "expected at least one destination match rule")
+                for rule in _rules(n, ctx, "destination"):
+                    src.per_rcpt.setdefault(rule, block)
+            elif n.name == "default_destination":
+                if default_rcpt is not None:
+                    ctx.errors.at(n, "duplicate 'default_destination' block")
+                    continue
+                default_rcpt = list(n.children or [])
+            elif n.name in ("deliver_to", "reroute", "reject"):
+                others.append(n)
+            else:
+                ctx.errors.at(n, f"unknown pipeline directive: {n.name}")
+        except ConfigError as e:
+            ctx.errors.add(e)
+        except _Fail:
+            pass
+
+    if not src.per_rcpt and not default_rcpt:
+        if not others:
+            ctx.errors.at(owner, "empty source block, use 'reject' to reject messages")
+            return src
+        src.default_rcpt = _rcpt(owner, others, ctx)
+        return src
+    if others:
+        ctx.errors.at(
+            others[0],
+            "can't put handling directives together with destination rules, did you mean to put it into "
+            "'default' block or into all recipient blocks?",
+        )
+    if not default_rcpt:
+        ctx.errors.at(
+            nodes[0] if nodes else owner,
+            "missing or empty default destination block, use default_destination { reject } to reject messages",
+        )
+        return src
+    src.default_rcpt = _rcpt(owner, default_rcpt, ctx)
+    return src
+
+
+def _rcpt(owner: Node, nodes: list[Node], ctx: Ctx) -> RcptBlock:
+    rcpt = RcptBlock(owner)
+    for n in nodes:
+        try:
+            if n.name == "check":
+                rcpt.checks.extend(_group(n, ctx, "checks", "checks_group"))
+            elif n.name == "modify":
+                rcpt.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
+            elif n.name == "deliver_to":
+                if rcpt.reject is not None:
+                    ctx.errors.at(n, "can't use 'reject' and 'deliver_to' together")
+                    continue
+                if not n.args:
+                    ctx.errors.at(n, "required at least one argument")
+                    continue
+                target = ctx.module(n, n.args, "target", "delivery_target")
+                if target is not None:
+                    rcpt.targets.append(target)
+            elif n.name == "reroute":
+                if not n.children:
+                    ctx.errors.at(n, "missing or empty reroute pipeline configuration")
+                    continue
+                rcpt.targets.append(parse_pipeline(n, ctx))
+            elif n.name == "reject":
+                if rcpt.targets:
+                    ctx.errors.at(n, "can't use 'reject' and 'deliver_to' together")
+                    continue
+                rcpt.reject = parse_reject(n)
+            else:
+                ctx.errors.at(n, "invalid directive")
+        except ConfigError as e:
+            ctx.errors.add(e)
+    return rcpt
+
+
+def _group(n: Node, ctx: Ctx, kind: str, role: str) -> list[ModuleInstance]:
+    inst = ctx.group(n, kind, role)
+    return [] if inst is None else [inst]
+
+
+def _inline_table(n: Node, ctx: Ctx) -> ModuleInstance | None:
+    # The block after source_in/destination_in is the routing block, not the table's.
+    head = Node(n.name, list(n.args), None, n.file, n.line)
+    return ctx.module(head, n.args, "table", "table")
+
+
+def _dmarc(n: Node, ctx: Ctx) -> bool:
+    if not n.args:
+        return True
+    if len(n.args) == 1:
+        if n.args[0] == "yes":
+            return True
+        if n.args[0] == "no":
+            return False
+        raise ConfigError.at(n, "invalid argument for dmarc")
+    return False
+
+
+def _rules(n: Node, ctx: Ctx, kind: str) -> list[str]:
+    out = []
+    for raw in n.args:
+        try:
+            out.append(normalize_rule(raw))
+        except ValueError as e:
+            ctx.errors.at(n, f"invalid {kind} match rule: {raw}: {e}")
+    return out
+
+
+def normalize_rule(rule: str) -> str:
+    """Case-fold and NFC an address or domain rule; domains in U-label form."""
+    if rule.lower() == "postmaster":
+        return "postmaster"
+    if "@" in rule:
+        local, _, domain = rule.rpartition("@")
+        if not local or not domain:
+            raise ValueError("invalid address")
+        return unicodedata.normalize("NFC", local).casefold() + "@" + _domain_for_lookup(domain)
+    return _domain_for_lookup(rule)
+
+
+def _domain_for_lookup(domain: str) -> str:
+    d = unicodedata.normalize("NFC", domain).rstrip(".").lower()
+    validate_domain(d)
+    if "xn--" in d:
+        try:
+            d = d.encode("ascii").decode("idna")
+        except UnicodeError:
+            raise ValueError("invalid A-label") from None
+    return d
+
+
+def parse_enhanced_code(s: str) -> tuple[int, int, int]:
+    parts = s.split(".")
+    if len(parts) != 3:
+        raise ValueError("wrong amount of enhanced code parts")
+    try:
+        a, b, c = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"invalid enhanced code: {s}") from None
+    return a, b, c
+
+
+def parse_reject(n: Node) -> RejectSpec:
+    """`reject [CODE [ENH [MSG]]]`; with only CODE the enhanced code stays 5.7.0 (maddy)."""
+    args = n.args
+    if len(args) > 3:
+        raise ConfigError.at(n, "invalid count of arguments")
+    spec = RejectSpec()
+    code, enh, msg = spec.code, spec.enhanced, spec.message
+    if len(args) == 3:
+        msg = args[2]
+        if not msg:
+            raise ConfigError.at(n, "message can't be empty")
+    if len(args) >= 2:
+        try:
+            enh = parse_enhanced_code(args[1])
+        except ValueError as e:
+            raise ConfigError.at(n, str(e)) from None
+        if enh[0] not in (4, 5):
+            raise ConfigError.at(n, "enhanced code should use either 4 or 5 as a first number")
+    if len(args) >= 1:
+        try:
+            code = int(args[0])
+        except ValueError:
+            raise ConfigError.at(n, f"invalid error code integer: {args[0]}") from None
+        if code // 100 not in (4, 5):
+            raise ConfigError.at(n, "error code should start with either 4 or 5")
+    return RejectSpec(code, enh, msg)
