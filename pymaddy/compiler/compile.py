@@ -164,6 +164,9 @@ class Compiler:
                 self._report(child, e)
                 out.present.add(child.name)
                 out.failed.add(child.name)
+                # Keys always exist, so code reading settings never meets a hole.
+                if d.name not in out:
+                    out[d.name] = [] if d.repeat else self._default(d)
                 continue
             if d.repeat:
                 out.setdefault(d.name, []).append(value)
@@ -192,9 +195,17 @@ class Compiler:
                     self.errors.at(owner, f"missing required directive: {d.name}")
                 else:
                     self.errors.add(ConfigError("", 0, f"missing required directive: {d.name}"))
-            elif d.name not in out:
-                out[d.name] = d.default() if callable(d.default) else ([] if d.repeat and d.default is None else d.default)
+            if d.name not in out:
+                out[d.name] = self._default(d)
         return out
+
+    @staticmethod
+    def _default(d: Directive) -> object:
+        if callable(d.default):
+            return d.default()
+        if d.repeat and d.default is None:
+            return []
+        return d.default
 
     def _report(self, node: Node, e: Exception) -> None:
         if isinstance(e, ConfigError):
