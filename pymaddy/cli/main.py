@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pymaddy import MADDY_COMPAT, __version__
 
@@ -20,7 +21,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         sys.stderr.write(f"Error: {message}\n")
         raise SystemExit(EXIT_USAGE)
@@ -106,7 +107,6 @@ def _main(argv: list[str]) -> int:
             )
         )
     parser.error(f"unknown command {ns.command}")  # pragma: no cover
-    return EXIT_USAGE
 
 
 def _version() -> int:

@@ -129,7 +129,9 @@ class Compiler:
                     self._report(node, e)
                 if schema.inline_owns_block:
                     children = []
-        settings = self._parse_block(node, synthetic + children, schema.directives, Settings(), owner_label=schema.name, free=schema.children)
+        settings = self._parse_block(
+            node, synthetic + children, schema.directives, Settings(), owner_label=schema.name, free=schema.children
+        )
         if schema.validate is not None:
             try:
                 schema.validate(settings, node, self)
@@ -144,6 +146,7 @@ class Compiler:
         nodes: list[Node],
         directives: Sequence[Directive],
         out: Settings,
+        *,
         owner_label: str,
         free: object = None,
     ) -> Settings:

@@ -66,7 +66,8 @@ class ValueType:
         raise NotImplementedError
 
     def __call__(self, node: Node, ctx: Ctx) -> Any:
-        if node.children is not None and not self.block_ok:
+        # maddy tests len(Children) != 0: an empty block after a plain directive is fine.
+        if node.children and not self.block_ok:
             raise ConfigError.at(node, "can't declare block here")
         return self.parse(node, ctx)
 

@@ -120,7 +120,10 @@ def parse_pipeline_nodes(owner: Node, nodes: list[Node], ctx: Ctx) -> Pipeline:
             "'default_source' block or into all source blocks?",
         )
     if not default_src:
-        ctx.errors.at(nodes[0] if nodes else owner, "missing or empty default source block, use default_source { reject } to reject messages")
+        ctx.errors.at(
+            nodes[0] if nodes else owner,
+            "missing or empty default source block, use default_source { reject } to reject messages",
+        )
         return pipe
     pipe.default_source = _source(owner, default_src, ctx)
     return pipe

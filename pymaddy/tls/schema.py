@@ -8,13 +8,17 @@ from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
     Block,
+    Bool,
     Ctx,
     Custom,
     Directive,
+    Enum,
     ModuleRef,
     ModuleSchema,
     Settings,
+    String,
     StringList,
+    ValidateFn,
     roles,
 )
 
@@ -123,7 +127,8 @@ def _one_path(node: Node) -> str:
 def _check_client(settings: Settings) -> None:
     if (settings.get("cert") is None) != (settings.get("key") is None):
         node = settings.node
-        raise ConfigError(node.file if node else "", node.line if node else 0, "both cert and key must be set for client authentication")
+        msg = "both cert and key must be set for client authentication"
+        raise ConfigError(node.file if node else "", node.line if node else 0, msg)
 
 
 def _tls_client(node: Node, ctx: Ctx) -> Settings:
@@ -137,6 +142,183 @@ def _tls_client(node: Node, ctx: Ctx) -> Settings:
 TLS_CLIENT = Custom(_tls_client, allow_block=True)
 TLS_CLIENT_BLOCK = Block(CLIENT_DIRECTIVES)
 
-# Loader modules: tls.loader.file, tls.loader.self_signed, tls.loader.acme and
-# the libdns.* DNS providers used by acme.
-SCHEMAS: list[ModuleSchema] = []
+# -- Loader modules: tls.loader.file, tls.loader.self_signed, tls.loader.acme --------
+#
+# Inline arguments travel in a hidden `@inline` node (no config text can spell
+# '@'), merged by each validator, so `certs`/`keys` may still be written too.
+
+INLINE = "@inline"
+LETSENCRYPT_CA = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING_CA = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+
+def _raw_args(node: Node, ctx: Ctx) -> list[str]:
+    return list(node.args)
+
+
+def _inline_raw(head: Node, ctx: Ctx) -> list[Node]:
+    return [head.synth(INLINE, list(head.args))]
+
+
+def _take_inline(settings: Settings) -> list[str]:
+    settings.present.discard(INLINE)
+    value: list[str] = settings.pop(INLINE, None) or []
+    return value
+
+
+INLINE_DIRECTIVE = Directive(INLINE, Custom(_raw_args), None, doc="inline arguments (internal)")
+
+
+def _file_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
+    inline = _take_inline(settings)
+    if "certs" in settings.failed or "keys" in settings.failed:
+        return
+    certs: list[str] = list(settings.get("certs") or [])
+    keys: list[str] = list(settings.get("keys") or [])
+    if len(certs) != len(keys):
+        raise ConfigError.at(node, "tls.loader.file: mismatch in certs and keys count")
+    if len(inline) % 2:
+        raise ConfigError.at(node, "tls.loader.file: odd amount of arguments")
+    certs += inline[0::2]
+    keys += inline[1::2]
+    # Config-time checks only; the files themselves are read when the server starts.
+    for cert in certs:
+        if not cert.startswith("/"):
+            raise ConfigError.at(node, "tls.loader.file: only absolute paths allowed in certificate paths: sorry :(")
+    if not certs:
+        raise ConfigError.at(node, "tls.loader.file: at least one certificate required")
+    settings["certs"] = certs
+    settings["keys"] = keys
+
+
+TLS_LOADER_FILE = ModuleSchema(
+    name="tls.loader.file",
+    roles=roles("tls_loader"),
+    directives=(
+        INLINE_DIRECTIVE,
+        Directive("certs", StringList(), None, doc="absolute certificate paths (inline: CERT KEY pairs)"),
+        Directive("keys", StringList(), None, doc="key paths, one per certificate"),
+    ),
+    inline=_inline_raw,
+    validate=_file_validate,
+    runtime=None,
+    doc="certificate/key files, re-read every minute; SNI picks the certificate",
+)
+
+
+def _self_signed_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
+    settings["names"] = _take_inline(settings)
+
+
+TLS_LOADER_SELF_SIGNED = ModuleSchema(
+    name="tls.loader.self_signed",
+    roles=roles("tls_loader"),
+    directives=(INLINE_DIRECTIVE,),
+    inline=_inline_raw,
+    validate=_self_signed_validate,
+    runtime=None,
+    doc="an in-memory ECDSA P-256 certificate for the inline names/IPs, made at each start",
+)
+
+
+def _acme_inline(head: Node, ctx: Ctx) -> list[Node]:
+    raise ConfigError.at(head, "tls.loader.acme: no inline args expected")
+
+
+def _acme_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
+    if settings.get("store_path") is None:
+        # maddy joins its state directory, which is still unset while the global
+        # `tls` is read; the relative "acme" then resolves against state_dir after
+        # the chdir into it, so the result is the same place.
+        state_dir = ctx.globals.get("state_dir")
+        settings["store_path"] = state_dir.rstrip("/") + "/acme" if state_dir else "acme"
+    # Only a challenge that was written and accepted can need a provider (one mistake, one error).
+    challenge_ok = "challenge" in settings.present and "challenge" not in settings.failed
+    if challenge_ok and settings.get("dns") is None and "dns" not in settings.failed:
+        raise ConfigError.at(node, "tls.loader.acme: dns-01 challenge requires a configured DNS provider")
+
+
+TLS_LOADER_ACME = ModuleSchema(
+    name="tls.loader.acme",
+    roles=roles("tls_loader"),
+    directives=(
+        Directive("debug", Bool(), False, inherit=True),
+        Directive("hostname", String(), None, inherit=True, required=True, doc="the certificate's main name"),
+        Directive("extra_names", StringList(), None, doc="more names on the certificate"),
+        Directive("store_path", String(), None, doc="default STATE/acme"),
+        Directive("ca", String(), LETSENCRYPT_CA),
+        Directive("test_ca", String(), LETSENCRYPT_STAGING_CA),
+        Directive("email", String(), ""),
+        Directive("override_domain", String(), "", doc="delegated _acme-challenge domain"),
+        Directive("agreed", Bool(), False, doc="agree to the CA's terms of service"),
+        Directive("challenge", Enum(("dns-01",)), "dns-01", required=True),
+        Directive("dns", ModuleRef("libdns", "dns_provider"), None, doc="DNS provider for dns-01"),
+    ),
+    inline=_acme_inline,
+    validate=_acme_validate,
+    runtime=None,
+    doc="certificates from an ACME CA (Let's Encrypt) via the DNS-01 challenge",
+)
+
+
+# -- libdns.* DNS providers (spec §B.10) ----------------------------------------------------
+
+
+def _ignore_inline(head: Node, ctx: Ctx) -> list[Node]:
+    """maddy's provider modules never read their inline arguments."""
+    return []
+
+
+def _need_one_of(module: str, message: str, *names: str) -> ValidateFn:
+    def validate(settings: Settings, node: Node, ctx: Ctx) -> None:
+        if any(n in settings.failed for n in names):
+            return
+        if not any(settings.get(n) for n in names):
+            raise ConfigError.at(node, f"{module}: {message}")
+
+    return validate
+
+
+def _provider(
+    name: str, fields: tuple[tuple[str, bool], ...], validate: ValidateFn | None = None, doc: str = ""
+) -> ModuleSchema:
+    return ModuleSchema(
+        name=f"libdns.{name}",
+        roles=roles("dns_provider"),
+        directives=tuple(Directive(f, String(), None if req else "", required=req) for f, req in fields),
+        inline=_ignore_inline,
+        validate=validate,
+        runtime=None,
+        doc=doc or f"{name} DNS API for ACME dns-01",
+    )
+
+
+OPT, REQ = False, True
+DNS_PROVIDERS = [
+    # In maddy's default build:
+    _provider("cloudflare", (("api_token", OPT),)),
+    _provider("digitalocean", (("api_token", OPT),)),
+    _provider(
+        "gandi",
+        (("api_token", OPT), ("personal_token", OPT)),
+        _need_one_of(
+            "libdns.gandi", "either api_token or personal_token should be specified", "api_token", "personal_token"
+        ),
+        doc="gandi LiveDNS (api_token is deprecated, use personal_token)",
+    ),
+    _provider("gcore", (("api_key", OPT),), _need_one_of("libdns.gcore", "api_key should be specified", "api_key")),
+    _provider("hetzner", (("api_token", OPT),)),
+    _provider("namecheap", (("api_key", REQ), ("api_username", REQ), ("endpoint", OPT), ("client_ip", OPT))),
+    _provider("vultr", (("api_token", OPT),)),
+    # Only with build tags in maddy (libdns_all or libdns_NAME):
+    _provider("acmedns", (("username", REQ), ("password", REQ), ("subdomain", REQ), ("server_url", REQ))),
+    _provider("alidns", (("key_id", OPT), ("key_secret", OPT))),
+    _provider("googleclouddns", (("project", REQ), ("service_account_json", OPT))),
+    _provider("leaseweb", (("api_key", OPT),)),
+    _provider("metaname", (("api_key", OPT), ("account_ref", OPT))),
+    _provider("namedotcom", (("user", OPT), ("token", OPT))),
+    _provider("rfc2136", (("key_name", REQ), ("key", REQ), ("key_alg", REQ), ("server", REQ))),
+    _provider("route53", (("secret_access_key", OPT), ("access_key_id", OPT))),
+]
+
+SCHEMAS: list[ModuleSchema] = [TLS_LOADER_FILE, TLS_LOADER_SELF_SIGNED, TLS_LOADER_ACME, *DNS_PROVIDERS]

@@ -18,12 +18,14 @@ from pymaddy.config.expand import load_text
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "maddy-upstream"
 CORPUS = sorted(
     p.read_text(encoding="utf-8", errors="replace")
-    for p in [*FIXTURES.glob("default/maddy.conf"), *FIXTURES.glob("tests-integration/*.conf"), *FIXTURES.glob("docs-examples/*.conf")]
+    for pattern in ("default/maddy.conf", "tests-integration/*.conf", "docs-examples/*.conf")
+    for p in FIXTURES.glob(pattern)
 )
 
 TOKENS = st.sampled_from(
     [
-        "{", "}", "\n", " ", "\t", "\\", "\\\n", '"', '""', "#", "$(", ")", "$(m)", "$(m) =", "(s)", "import", "import s",
+        "{", "}", "\n", " ", "\t", "\\", "\\\n", '"', '""', "#", "$(", ")", "$(m)", "$(m) =", "(s)",
+        "import", "import s",
         "{env:X}", "{env:", "&", "&x", "smtp", "tcp://127.0.0.1:25", "tls", "off", "file", "deliver_to", "reject",
         "check", "modify", "source", "destination", "default_source", "default_destination", "dummy", "hostname",
         "x.org", "table.chain", "msgpipeline", "limits", "all", "rate", "20", "1s", "\r\n", "\ufeff", "é", "\x00",

@@ -104,7 +104,10 @@ def test_syntax_error_reports_file_and_line() -> None:
 
 def test_every_name_error_is_reported() -> None:
     errs = errors("1a x\nb@ y\nok z\n")
-    assert errs == ["t.conf:1: directive name cannot start with a digit", "t.conf:2: character not allowed in directive name: @"]
+    assert errs == [
+        "t.conf:1: directive name cannot start with a digit",
+        "t.conf:2: character not allowed in directive name: @",
+    ]
 
 
 class TestImports:
