@@ -24,10 +24,7 @@ LOCATED = re.compile(r"^[^:]+:\d+: ")
 
 
 def errors_for(path: Path, env: dict[str, str], prefix: str = "") -> list[str]:
-    if prefix:
-        loaded = load_text(prefix + path.read_text(), str(path), env)
-    else:
-        loaded = load_file(str(path), env)
+    loaded = load_text(prefix + path.read_text(), str(path), env) if prefix else load_file(str(path), env)
     if loaded.errors:
         return [str(e) for e in loaded.errors]
     return [str(e) for e in compile_loaded(loaded).errors]
