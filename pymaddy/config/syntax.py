@@ -7,11 +7,22 @@ Raw nodes still hold macro definitions, snippet definitions and imports;
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Token, Transformer
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+# Lark imports the third-party `regex` module when it is installed (8 ms of a
+# 150 ms check-config budget) although this grammar needs only `re`; hide it
+# while Lark loads, unless something imported it already.
+_hid_regex = "regex" not in sys.modules
+if _hid_regex:
+    sys.modules["regex"] = None  # type: ignore[assignment]
+try:
+    from lark import Lark, Token, Transformer
+    from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+finally:
+    if _hid_regex:
+        del sys.modules["regex"]
 
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
@@ -121,7 +132,7 @@ def parse_text(text: str, file: str) -> list[Node]:
 def _syntax_error(e: UnexpectedInput, text: str, file: str) -> ConfigError:
     line = getattr(e, "line", 0) or 0
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
-        line = text.count("\n") + 1
+        line = text.rstrip().count("\n") + 1  # the last token, as maddy reports it
         return ConfigError(file, line, "Error during parsing: unexpected EOF when looking for }")
     if isinstance(e, UnexpectedToken):
         tok = e.token
