@@ -24,8 +24,8 @@ finally:
     if _hid_regex:
         del sys.modules["regex"]
 
-from pymaddy.config.errors import ConfigError
-from pymaddy.config.ir import Node
+from pymaddy.config.errors import ConfigError  # noqa: E402 - after the Lark import above
+from pymaddy.config.ir import Node  # noqa: E402
 
 GRAMMAR = Path(__file__).resolve().parent.parent.parent / "grammar" / "maddy.lark"
 _PACKAGED_GRAMMAR = Path(__file__).resolve().parent / "maddy.lark"

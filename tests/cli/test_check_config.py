@@ -13,7 +13,13 @@ FIX = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "maddy-upstr
 def pymaddy(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "pymaddy", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60
+        [sys.executable, "-m", "pymaddy", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=60,
     )
 
 
@@ -69,7 +75,11 @@ def test_syntax_only_skips_module_validation(tmp_path: Path) -> None:
 def test_print_shows_expanded_config_with_origins(tmp_path: Path) -> None:
     (tmp_path / "tls.conf").write_text("tls off\n")
     conf = tmp_path / "maddy.conf"
-    conf.write_text("$(h) = mx.{env:DOMAIN}\nhostname $(h)\nimport tls\n(s) {\n  deliver_to dummy\n}\nsmtp tcp://127.0.0.1:25 {\n  import s\n}\n")
+    conf.write_text(
+        "$(h) = mx.{env:DOMAIN}\nhostname $(h)\nimport tls\n"
+        "(s) {\n  deliver_to dummy\n}\n"
+        "smtp tcp://127.0.0.1:25 {\n  import s\n}\n"
+    )
     r = pymaddy("-config", str(conf), "check-config", "--print", env={"DOMAIN": "example.org"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
