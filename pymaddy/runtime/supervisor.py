@@ -1,0 +1,638 @@
+"""The server process: start a compiled configuration, reload it, stop it (spec §H).
+
+A *generation* is one compiled configuration brought to life: one runtime
+object per configured module, plus the listening sockets of its endpoints.
+The supervisor runs exactly one current generation, replaces it on reload
+(SIGUSR2 or a changed config file) and lets replaced ones drain.
+
+Invariants:
+- Exactly one generation accepts connections once start-up succeeded; during
+  a reload the old one stops accepting only after the new one has started
+  (modules started, sockets bound), and the new one accepts right after.
+- A listen address present before and after a reload is never closed: the
+  supervisor's `ListenerRegistry` owns the sockets and endpoints only get
+  dups, so clients connecting mid-reload wait in the kernel backlog.
+- Reloads run one at a time. A failed reload (config error, bind error, a
+  module refusing to start) changes nothing: the current generation keeps
+  its sockets, log output and working directory; every error is logged.
+- Connections accepted by a generation finish on that generation; it is
+  stopped after its sessions end or its drain timeout passes.
+- Exit status: 0 after a graceful stop, 1 for configuration or start-up
+  errors and for a forced stop (second signal), 2 for a bad --log target,
+  70 for an internal error. A user never sees a traceback: errors are
+  single `Error: ...` lines on stderr before start-up, log lines after.
+- Never runs as root unless PYMADDY_ALLOW_ROOT=1 (test environments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from pymaddy import __version__
+from pymaddy.compiler.compile import CompileResult, compile_file
+from pymaddy.compiler.graph import Graph, ModuleInstance
+from pymaddy.config.values import Endpoint as Address
+from pymaddy.runtime import metrics, sdnotify
+from pymaddy.runtime.listeners import Listener, ListenerRegistry, ListenError
+from pymaddy.runtime.log import Logger, LogTargetError, MultiOutput, Output, open_targets, stderr_fallback
+from pymaddy.runtime.module import EndpointModule, Module, ModuleError, RuntimeContext
+from pymaddy.runtime.options import RunOptions
+from pymaddy.runtime.watch import ConfigWatcher
+
+__all__ = ["RunOptions", "StartFailure", "Supervisor", "run"]
+
+VERSION = __version__
+STOP_GRACE = 3.0  # SIGTERM: how long sessions get before they are cut (systemd waits 7 s)
+MODULE_STOP_TIMEOUT = 1.0  # per module stop(), so a stuck module cannot hold the exit
+EX_SOFTWARE = 70
+
+SIGNAL_NAMES = {  # Go's names, as maddy logs them
+    signal.SIGTERM: "terminated",
+    signal.SIGINT: "interrupt",
+    signal.SIGHUP: "hangup",
+    signal.SIGUSR1: "user defined signal 1",
+    signal.SIGUSR2: "user defined signal 2",
+}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StartFailure(Exception):
+    """A configuration that cannot run; `lines` are user-facing messages (FILE:LINE: ...)."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("; ".join(self.lines))
+
+
+def _where(inst: ModuleInstance) -> str:
+    return f"{inst.node.file}:{inst.node.line}"
+
+
+def _internal(e: BaseException) -> str:
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def unique_instances(graph: Graph) -> list[ModuleInstance]:
+    """Endpoints and every module they reach, each once, in configuration order."""
+    seen: set[int] = set()
+    out: list[ModuleInstance] = []
+    for inst in [*graph.endpoints, *graph.instances]:
+        if id(inst) not in seen:
+            seen.add(id(inst))
+            out.append(inst)
+    return out
+
+
+def missing_runtimes(graph: Graph) -> list[str]:
+    """`FILE:LINE: module NAME is not implemented yet` for every module without an implementation."""
+    return [
+        f"{_where(i)}: module {i.schema.name} is not implemented yet"
+        for i in unique_instances(graph)
+        if i.schema.runtime is None
+    ]
+
+
+def load_class(spec: str) -> type[Module]:
+    """Import "package.module:Class" and check it is a runtime Module."""
+    modname, _, attr = spec.partition(":")
+    mod = importlib.import_module(modname)
+    cls = getattr(mod, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Module)):
+        raise TypeError(f"{spec} is not a pymaddy.runtime.module.Module")
+    return cls
+
+
+def init_dirs(state_dir: str, runtime_dir: str, libexec: str) -> None:
+    """Create and write-test state_dir and runtime_dir (0700), then chdir into state_dir."""
+    for path, what in ((state_dir, "statedir"), (runtime_dir, "runtimedir"), (libexec, "-libexec")):
+        if not os.path.isabs(path):
+            raise StartFailure([f"{what} should be absolute"])
+    for path in (state_dir, runtime_dir):
+        try:
+            os.makedirs(path, 0o700, exist_ok=True)
+            test = os.path.join(path, "writeable-test")
+            os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(test)
+        except OSError as e:
+            raise StartFailure([f"{path}: {e.strerror or e}"]) from None
+    try:
+        os.chdir(state_dir)
+    except OSError as e:
+        raise StartFailure([f"chdir {state_dir}: {e.strerror or e}"]) from None
+
+
+class Generation:
+    """One configuration's module objects and sockets."""
+
+    def __init__(self, number: int, ctx: RuntimeContext) -> None:
+        self.number = number
+        self.ctx = ctx
+        self.graph = ctx.graph
+        self.log = ctx.logger
+        self.modules: list[Module] = []  # non-endpoints, in start order (dependencies first)
+        self.endpoints: list[EndpointModule] = []
+        self.listeners: dict[int, list[Listener]] = {}
+        self.started: list[Module] = []
+        self.stopped = False
+
+    # -- bring up --------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Construct every module object; all failures are reported together."""
+        errors: list[str] = []
+        endpoint_ids = {id(e) for e in self.graph.endpoints}
+        others = [i for i in unique_instances(self.graph) if id(i) not in endpoint_ids]
+        # The compiler lists a module before the modules it references; start those first.
+        for inst in [*reversed(others), *self.graph.endpoints]:
+            spec = inst.schema.runtime
+            if spec is None:
+                errors.append(f"{_where(inst)}: module {inst.schema.name} is not implemented yet")
+                continue
+            try:
+                obj = load_class(spec)(inst, self.ctx)
+            except ModuleError as e:
+                errors.append(f"{_where(inst)}: {e}")
+                continue
+            except Exception as e:
+                errors.append(f"{_where(inst)}: {inst.label}: {_internal(e)}")
+                continue
+            self.ctx.objects[id(inst)] = obj
+            if id(inst) in endpoint_ids:
+                if not isinstance(obj, EndpointModule):
+                    errors.append(f"{_where(inst)}: {inst.label}: {spec} is not an endpoint implementation")
+                    continue
+                self.endpoints.append(obj)
+            else:
+                self.modules.append(obj)
+        if errors:
+            raise StartFailure(errors)
+
+    def acquire(self, registry: ListenerRegistry) -> None:
+        """Bind (or reuse) every endpoint's sockets; on failure nothing new stays open."""
+        used: dict[tuple[str, ...], EndpointModule] = {}
+        zero: dict[str, int] = {}
+        errors: list[str] = []
+        for ep in self.endpoints:
+            mine: list[Listener] = []
+            self.listeners[id(ep)] = mine
+            try:
+                addrs: list[Address] = ep.addresses()
+            except ValueError as e:
+                errors.append(f"{_where(ep.inst)}: {ep.inst.schema.name}: malformed endpoint: {e}")
+                continue
+            for addr in addrs:
+                idx = 0
+                if not addr.is_unix and addr.port == "0":
+                    idx = zero.get(addr.host, 0)
+                    zero[addr.host] = idx + 1
+                key = registry.key_of(addr, idx)
+                other = used.get(key)
+                if other is not None:
+                    errors.append(
+                        f"{_where(ep.inst)}: {ep.inst.schema.name}: {addr} is already used by "
+                        f"{other.inst.schema.name} at {_where(other.inst)}"
+                    )
+                    continue
+                try:
+                    mine.append(registry.acquire(addr, self.number, idx))
+                except ListenError as e:
+                    errors.append(f"{_where(ep.inst)}: {ep.inst.schema.name}: {e}")
+                    continue
+                used[key] = ep
+        if errors:
+            self.close_listeners()
+            registry.release(self.number)
+            raise StartFailure(errors)
+
+    async def start(self) -> None:
+        """start() every module, dependencies first; on failure stop what started."""
+        for obj in [*self.modules, *self.endpoints]:
+            try:
+                await obj.start()
+            except ModuleError as e:
+                err = f"{_where(obj.inst)}: {e}"
+            except Exception as e:
+                self.log.debug("start failed", module=obj.inst.label, traceback=traceback.format_exc())
+                err = f"{_where(obj.inst)}: {obj.inst.label}: {_internal(e)}"
+            else:
+                self.started.append(obj)
+                continue
+            await self.stop()
+            raise StartFailure([err])
+
+    async def serve(self) -> None:
+        for ep in self.endpoints:
+            try:
+                await ep.serve(self.listeners[id(ep)])
+            except ModuleError as e:
+                raise StartFailure([f"{_where(ep.inst)}: {e}"]) from None
+            except OSError as e:
+                raise StartFailure([f"{_where(ep.inst)}: {ep.inst.schema.name}: {e.strerror or e}"]) from None
+            except Exception as e:
+                raise StartFailure([f"{_where(ep.inst)}: {ep.inst.label}: {_internal(e)}"]) from None
+
+    def reacquire(self, registry: ListenerRegistry) -> None:
+        """Fresh dups of this generation's sockets, to serve again after a failed hand-over."""
+        self.close_listeners()
+        for ep in self.endpoints:
+            self.listeners[id(ep)] = []
+        self.acquire(registry)
+
+    # -- wind down ---------------------------------------------------------------------
+
+    async def stop_accepting(self) -> None:
+        for ep in self.endpoints:
+            await self._guard(ep, ep.stop_accepting(), "stop accepting failed")
+
+    async def drain(self, timeout: float | None, close_idle: bool) -> None:
+        """Let sessions finish (each endpoint's own drain timeout unless `timeout` is given)."""
+        await asyncio.gather(
+            *(
+                self._guard(ep, ep.drain(ep.drain_timeout if timeout is None else timeout, close_idle), "drain failed")
+                for ep in self.endpoints
+            )
+        )
+
+    async def stop(self) -> None:
+        """stop() what started, dependents first; each bounded by MODULE_STOP_TIMEOUT."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for obj in reversed(self.started):
+            try:
+                await asyncio.wait_for(obj.stop(), MODULE_STOP_TIMEOUT)
+            except TimeoutError:
+                self.log.msg("module did not stop in time", module=obj.inst.label)
+            except Exception as e:
+                reason = str(e) if isinstance(e, ModuleError) else _internal(e)
+                self.log.error("module stop failed", err=reason, module=obj.inst.label)
+        self.close_listeners()
+
+    def close_listeners(self) -> None:
+        """Close our dups (endpoints normally did already); masters stay with the registry."""
+        for lst in self.listeners.values():
+            for item in lst:
+                item.sock.close()
+
+    async def _guard(self, ep: EndpointModule, aw: Awaitable[None], what: str) -> None:
+        try:
+            await aw
+        except Exception as e:
+            self.log.error(what, err=_internal(e), module=ep.inst.label)
+
+
+class Supervisor:
+    """Runs generations; reacts to signals and config file changes."""
+
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.launch_cwd = os.getcwd()
+        self.config_path = os.path.abspath(opts.config)
+        self.log = Logger(debug=opts.debug)
+        self.registry = ListenerRegistry()
+        self.current: Generation | None = None
+        self.retiring: dict[asyncio.Task[None], Generation] = {}
+        self.counter = 0
+        self.log_targets: list[str] | None = None
+        self.stopping = False
+        self.reload_pending = False
+        self.wake = asyncio.Event()  # a stop or reload request is waiting
+        self.watcher: ConfigWatcher | None = None
+        self.path_set = False
+        self.background: set[asyncio.Task[Any]] = set()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def notify(self, state: str | None, status: str | None = None) -> None:
+        sdnotify.notify(state, status, on_error=self.log.printf)
+        self.log.debug("systemd notify", state=state or "", status=status or "")
+
+    def _compile(self) -> CompileResult:
+        return compile_file(self.config_path)
+
+    def _apply_log_targets(self, graph: Graph) -> tuple[MultiOutput | None, list[str] | None]:
+        """The output the config asks for (None: keep the current one); --log always wins."""
+        if self.opts.log:
+            return None, self.log_targets
+        targets = list(graph.globals.get("log") or ["stderr"])
+        if targets == self.log_targets:
+            return None, targets
+        try:
+            return open_targets(targets, cwd=self.launch_cwd), targets
+        except LogTargetError as e:
+            raise StartFailure([str(e)]) from None
+
+    def _context(self, graph: Graph, number: int) -> RuntimeContext:
+        return RuntimeContext(
+            options=self.opts,
+            graph=graph,
+            generation=number,
+            logger=self.log,
+            metrics=metrics.REGISTRY,
+            state_dir=str(graph.globals["state_dir"]),
+            runtime_dir=str(graph.globals["runtime_dir"]),
+        )
+
+    def _check(self, res: CompileResult) -> Graph:
+        if not res.ok or res.graph is None:
+            raise StartFailure([str(e) for e in res.errors] or ["configuration could not be loaded"])
+        missing = missing_runtimes(res.graph)
+        if missing:
+            raise StartFailure(missing)
+        return res.graph
+
+    def _prepend_libexec(self) -> None:
+        if not self.path_set:
+            os.environ["PATH"] = self.opts.libexec + os.pathsep + os.environ.get("PATH", "")
+            self.path_set = True
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Compile, prepare, start generation 1; raises StartFailure for the user."""
+        self.log.msg("loading configuration...")
+        graph = self._check(await asyncio.to_thread(self._compile))
+        out, targets = self._apply_log_targets(graph)
+        if out is not None:
+            self.log.set_output(out).close()
+            self.log_targets = targets
+        self.log.debug_enabled = self.opts.debug or bool(graph.globals.get("debug"))
+        init_dirs(str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"]), self.opts.libexec)
+        self._prepend_libexec()
+        self.log.msg("configuration loaded")
+        self.counter += 1
+        gen = Generation(self.counter, self._context(graph, self.counter))
+        try:
+            gen.build()
+            gen.acquire(self.registry)
+            await gen.start()
+            await gen.serve()
+        except BaseException:
+            await gen.stop()
+            self.registry.release(gen.number)
+            raise
+        self.current = gen
+        await self._watch(graph)
+        metrics.UP.set(1)
+        metrics.LAST_RELOAD_OK.set(1)
+        metrics.LAST_RELOAD_TIME.set(time.time())
+        self.log.msg("server started", version=VERSION)
+        self.notify(sdnotify.READY, "Configuration running.")
+
+    async def _watch(self, graph: Graph) -> None:
+        if os.environ.get("PYMADDY_WATCH_CONFIG", "1") == "0":
+            return
+        files = [os.path.join(self.launch_cwd, f) for f in graph.files]
+        if self.watcher is not None and self.watcher.files == sorted({os.path.abspath(f) for f in files}):
+            return
+        old, self.watcher = self.watcher, ConfigWatcher(files, self._files_changed, self.log)
+        if old is not None:
+            task = asyncio.create_task(old.stop())
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+        await self.watcher.start()
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        name = SIGNAL_NAMES.get(sig, sig.name)
+        if sig == signal.SIGUSR1:
+            self.log.printf(f"signal received ({name}), rotating logs")
+            self.notify(sdnotify.RELOADING, "Reopening logs...")
+            try:
+                self.log.output.reopen()
+            except LogTargetError as e:
+                self.log.printf(f"Can't reinitialize logger: {e}")
+            self.notify(sdnotify.READY, "Listening for incoming connections...")
+            return
+        if sig == signal.SIGUSR2:
+            if self.stopping:
+                self.log.printf(f"signal received ({name}), ignored: server is stopping")
+                return
+            self.log.printf(f"signal received ({name}), reloading configuration")
+            self.reload_pending = True
+            self.wake.set()
+            return
+        if self.stopping:
+            self.log.printf(f"forced shutdown due to signal ({name})!")
+            self.log.output.close()
+            os._exit(1)
+        self.stopping = True
+        self.log.printf(f"signal received ({name}), next signal will force immediate shutdown.")
+        self.wake.set()
+
+    def _files_changed(self, paths: list[str]) -> None:
+        if self.stopping:
+            return
+        self.log.msg("configuration file changed, reloading configuration", files=paths)
+        self.reload_pending = True
+        self.wake.set()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        text = _internal(exc) if exc is not None else str(context.get("message", "unknown error"))
+        self.log.error("unhandled error", err=text)
+        if exc is not None:
+            self.log.debug("unhandled error", traceback="".join(traceback.format_exception(exc)))
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        old = self.current
+        assert old is not None
+        metrics.RELOADS.inc()
+        self.log.msg("reloading server...")
+        self.notify(sdnotify.RELOADING, "Reloading server...")
+        self.log.msg("loading new configuration...")
+        cwd = os.getcwd()
+        new_out: Output | None = None
+        gen: Generation | None = None
+        try:
+            res = await asyncio.to_thread(self._compile)
+            graph = self._check(res)
+            new_out, targets = self._apply_log_targets(graph)
+            init_dirs(str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"]), self.opts.libexec)
+            self.log.msg("configuration loaded")
+            self.counter += 1
+            gen = Generation(self.counter, self._context(graph, self.counter))
+            gen.build()
+            gen.acquire(self.registry)
+            self.log.msg("starting new server")
+            await gen.start()
+            await old.stop_accepting()
+            try:
+                await gen.serve()
+            except StartFailure:
+                await gen.stop_accepting()
+                old.reacquire(self.registry)
+                await old.serve()
+                raise
+        except StartFailure as e:
+            await self._reload_failed(e.lines, gen, new_out, cwd)
+            return
+        except Exception as e:
+            self.log.debug("reload failed", traceback=traceback.format_exc())
+            await self._reload_failed([_internal(e)], gen, new_out, cwd)
+            return
+
+        self.current = gen
+        for key in self.registry.release(old.number):
+            self.log.debug("closed listener", address=key)
+        if new_out is not None:
+            self.log.set_output(new_out).close()
+            self.log_targets = targets
+        self.log.debug_enabled = self.opts.debug or bool(graph.globals.get("debug"))
+        await self._watch(graph)
+        metrics.LAST_RELOAD_OK.set(1)
+        metrics.LAST_RELOAD_TIME.set(time.time())
+        self.log.msg("new server started", version=VERSION)
+        self.notify(sdnotify.READY, "Configuration running.")
+        task = asyncio.create_task(self._retire(old))
+        self.retiring[task] = old
+        task.add_done_callback(lambda t: self.retiring.pop(t, None))
+
+    async def _reload_failed(self, lines: list[str], gen: Generation | None, out: Output | None, cwd: str) -> None:
+        for line in lines:
+            self.log.error("failed to load new configuration", err=line)
+        if gen is not None:
+            await gen.stop()
+            self.registry.release(gen.number)
+        if out is not None:
+            out.close()
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
+        metrics.RELOAD_FAILURES.inc()
+        metrics.LAST_RELOAD_OK.set(0)
+        self.notify(sdnotify.READY, "Configuration running. Reload failed, see the log.")
+
+    async def _retire(self, gen: Generation) -> None:
+        self.log.msg("stopping old server")
+        await gen.drain(None, close_idle=False)
+        await gen.stop()
+        self.log.msg("old server stopped")
+
+    # -- main -----------------------------------------------------------------------------------------
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        for sig in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.opts.log:
+            try:
+                self.log.set_output(open_targets(self.opts.log, cwd=self.launch_cwd))
+            except LogTargetError as e:
+                stderr_fallback(f"Error: {e}")
+                return 2
+            self.log_targets = list(self.opts.log)
+        code = await self._run_startup()
+        if code is not None:
+            return code
+        while not self.stopping:
+            await self.wake.wait()
+            self.wake.clear()
+            # Requests that arrive during a reload collapse into one more reload.
+            if self.reload_pending and not self.stopping:
+                self.reload_pending = False
+                await self.reload()
+        return await self.shutdown()
+
+    async def _run_startup(self) -> int | None:
+        """Start-up, abandoned if a stop signal arrives first. None: running."""
+        task = asyncio.create_task(self.startup())
+        while not task.done() and not self.stopping:
+            waiter = asyncio.create_task(self.wake.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            self.wake.clear()
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            self.registry.close_all()
+            self.log.msg("server stopped")
+            return 0
+        except StartFailure as e:
+            for line in e.lines:
+                stderr_fallback(f"Error: {line}")
+            self.notify(None, e.lines[0] if e.lines else "start-up failed")
+            return 1
+        if self.reload_pending or self.stopping:
+            self.wake.set()
+        return None
+
+    async def shutdown(self) -> int:
+        self.log.msg("server stopping...")
+        self.notify(sdnotify.STOPPING, "Waiting for old configuration to stop...")
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.current is not None:
+            await self.current.stop_accepting()
+        gens = [*self.retiring.values(), *([self.current] if self.current is not None else [])]
+        # Draining again with close_idle hurries the old generations' own drains too.
+        await asyncio.gather(*(g.drain(STOP_GRACE, close_idle=True) for g in gens))
+        if self.retiring:
+            await asyncio.wait(list(self.retiring), timeout=MODULE_STOP_TIMEOUT * 2)
+        self.notify(sdnotify.STOPPING, "Waiting for current configuration to stop...")
+        for g in gens:
+            await g.stop()
+        self.registry.close_all()
+        metrics.UP.set(0)
+        self.log.msg("server stopped")
+        self.log.output.close()
+        return 0
+
+
+def _refuse_root() -> bool:
+    return os.geteuid() == 0 and os.environ.get("PYMADDY_ALLOW_ROOT") != "1"
+
+
+def run(opts: RunOptions) -> int:
+    """Run the server until a stop signal; returns the process exit status."""
+    if _refuse_root():
+        stderr_fallback(
+            "Error: refusing to run as root: start pymaddy as an unprivileged user "
+            "(the systemd unit uses User=maddy and CAP_NET_BIND_SERVICE for ports below 1024)"
+        )
+        return 1
+    metrics.BUILD_INFO.set(1, version=VERSION, maddy="0.9.4")
+    sup = Supervisor(opts)
+    try:
+        return asyncio.run(sup.main())
+    except KeyboardInterrupt:
+        return 1
+    except Exception as e:
+        stderr_fallback(f"Error: {_internal(e)}")
+        if opts.debug:
+            stderr_fallback(traceback.format_exc())
+        return EX_SOFTWARE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Development entry point (`python -m pymaddy.runtime.supervisor`) until the CLI lands."""
+    p = argparse.ArgumentParser(prog="pymaddy-run", description="Run the pymaddy server.")
+    p.add_argument("--config", "-config", default=os.environ.get("MADDY_CONFIG", "/etc/maddy/maddy.conf"))
+    p.add_argument("--debug", "-debug", action="store_true")
+    p.add_argument("--log", "-log", action="append")
+    p.add_argument("--libexec", "-libexec", default="/usr/lib/maddy")
+    p.add_argument("--debug.smtpport", "-debug.smtpport", dest="smtp_port", type=int)
+    p.add_argument("--debug.dnsoverride", "-debug.dnsoverride", dest="dns_override")
+    a = p.parse_args(argv)
+    opts = RunOptions(config=a.config, debug=a.debug, log=a.log, libexec=a.libexec)
+    opts.smtp_port, opts.dns_override = a.smtp_port, a.dns_override
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

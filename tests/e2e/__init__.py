@@ -1,0 +1,1 @@
+"""End-to-end tests: the real server process, driven like a user would."""
