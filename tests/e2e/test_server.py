@@ -125,7 +125,8 @@ def test_reload_with_broken_config_keeps_old_server(tmp_path: Path) -> None:
         srv.signal(signal.SIGUSR2)
         srv.wait_for("failed to load new configuration")
         line = next(ln for ln in srv.lines if "failed to load new configuration" in ln)
-        assert line == f'failed to load new configuration\t{{"reason":"{cfg}:4: unexpected directive: no_such_directive"}}'
+        reason = f"{cfg}:4: unexpected directive: no_such_directive"
+        assert line == f'failed to load new configuration\t{{"reason":"{reason}"}}'
         status, body = get(port)
         assert status == 200
         assert "pymaddy_config_reload_failures_total 1" in body
@@ -196,7 +197,10 @@ def test_reload_keeps_shared_port_accepting(tmp_path: Path) -> None:
                 before = len(ok)
                 srv.signal(signal.SIGUSR2)
                 srv.wait_for("new server started", count=n)
-                wait_until(lambda before=before: len(ok) >= before + 5, what="requests after reload")
+                def enough(target: int = before + 5) -> bool:
+                    return len(ok) >= target
+
+                wait_until(enough, what="requests after reload")
         finally:
             stop.set()
             t.join(10)
