@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -189,23 +191,27 @@ class StreamEndpoint(EndpointModule):
     Subclasses implement `handle(conn)` and wrap every wait for the client in
     `with conn.idle():` so shutdown can end idle sessions at once while busy
     ones finish their current command.
+
+    Accepting is done here rather than by `asyncio.Server`: a connection is
+    registered as a session in the same callback that accept()s it, so a
+    stop_accepting() at any moment can neither lose nor orphan a connection
+    (asyncio.Server silently drops ones accepted just before close()).
     """
 
     stream_limit = 64 * 1024
+    supports_tls = False
+    accept_batch = 64
 
     def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
         super().__init__(inst, ctx)
-        self._servers: list[asyncio.Server] = []
-        self._sessions: dict[asyncio.Task[Any], Connection] = {}
+        self._listening: list[Listener] = []
+        self._sessions: dict[asyncio.Task[None], Connection | None] = {}
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
         self._closing_idle = False
-        self._stopped = False
 
     async def handle(self, conn: Connection) -> None:  # pragma: no cover - interface
         raise NotImplementedError
-
-    supports_tls = False
 
     async def start(self) -> None:
         if not self.supports_tls:
@@ -222,58 +228,84 @@ class StreamEndpoint(EndpointModule):
         return len(self._sessions)
 
     async def serve(self, listeners: Sequence[Listener]) -> None:
+        loop = asyncio.get_running_loop()
         for lst in listeners:
-
-            async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter, lst: Listener = lst) -> None:
-                await self._session(r, w, lst)
-
             tls = self.ssl_context(lst)
-            server = await asyncio.start_server(accept, sock=lst.sock, limit=self.stream_limit, ssl=tls)
-            self._servers.append(server)
+            lst.sock.setblocking(False)
+            loop.add_reader(lst.sock.fileno(), self._accept, lst, tls)
+            self._listening.append(lst)
             self.log.printf(f"listening on {lst.bound}")
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lst: Listener) -> None:
+    def _accept(self, lst: Listener, tls: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self.accept_batch):
+            try:
+                sock, _addr = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors/memory: back off instead of spinning on a ready socket.
+                    self.log.error("accept failed, pausing for a second", err=e.strerror or str(e))
+                    loop.remove_reader(lst.sock.fileno())
+                    loop.call_later(1.0, self._resume, lst, tls)
+                    return
+                continue  # ECONNABORTED and friends: that client is gone, try the next
+            task = loop.create_task(self._session(sock, lst, tls))
+            self._sessions[task] = None
+            self._no_sessions.clear()
+
+    def _resume(self, lst: Listener, tls: ssl.SSLContext | None) -> None:
+        if lst in self._listening:
+            asyncio.get_running_loop().add_reader(lst.sock.fileno(), self._accept, lst, tls)
+
+    async def _session(self, sock: socket.socket, lst: Listener, tls: ssl.SSLContext | None) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if self._stopped:  # accepted just before stop_accepting(), started after stop()
-            writer.close()
-            return
-        conn = Connection(reader, writer, lst)
-        conn.closing = self._closing_idle
-        self._sessions[task] = conn
-        self._no_sessions.clear()
+        writer: asyncio.StreamWriter | None = None
+        remote = _fmt_addr(_peer(sock))
         try:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=self.stream_limit)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, ssl=tls)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            conn = Connection(reader, writer, lst)
+            conn.closing = self._closing_idle
+            self._sessions[task] = conn
             await self.handle(conn)
         except (asyncio.CancelledError, SessionClosing):
             pass
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as e:
-            self.log.debug("connection error", reason=str(e) or type(e).__name__, src=conn.remote)
+            self.log.debug("connection error", reason=str(e) or type(e).__name__, src=remote)
         except Exception as e:
-            self.log.error("session failed", err=f"internal error: {type(e).__name__}: {e}", src=conn.remote)
+            self.log.error("session failed", err=f"internal error: {type(e).__name__}: {e}", src=remote)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+            else:
+                sock.close()
             self._sessions.pop(task, None)
             if not self._sessions:
                 self._no_sessions.set()
 
     async def stop_accepting(self) -> None:
-        servers, self._servers = self._servers, []
-        for s in servers:
-            s.close()
+        loop = asyncio.get_running_loop()
+        listening, self._listening = self._listening, []
+        for lst in listening:
+            loop.remove_reader(lst.sock.fileno())
+            lst.sock.close()
 
     async def drain(self, timeout: float, close_idle: bool) -> None:
-        # Connections accepted just before stop_accepting() become sessions a few
-        # loop iterations later; let them register so they are waited for too.
-        for _ in range(5):
-            await asyncio.sleep(0)
         if close_idle:
             self._closing_idle = True
             for task, conn in list(self._sessions.items()):
-                conn.closing = True
-                if conn.is_idle:
-                    task.cancel()
+                if conn is not None:
+                    conn.closing = True
+                    if conn.is_idle:
+                        task.cancel()
         if self._sessions and timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_sessions.wait(), timeout)
@@ -286,4 +318,10 @@ class StreamEndpoint(EndpointModule):
     async def stop(self) -> None:
         await self.stop_accepting()
         await self.drain(0, close_idle=True)
-        self._stopped = True
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
