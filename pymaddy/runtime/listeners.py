@@ -36,19 +36,24 @@ class ListenError(OSError):
 
 @dataclass(eq=False)
 class Listener:
-    """What an endpoint serves on: the configured address and a socket it owns (a dup)."""
+    """What an endpoint serves on: the configured address and a socket it owns (a dup).
+
+    The dup shares its file description (and O_NONBLOCK) with the supervisor's
+    master and with other generations' dups: never make it blocking.
+    """
 
     address: Address
     sock: socket.socket
 
     @property
     def bound(self) -> str:
-        """The address actually bound, e.g. with the port the kernel picked for `:0`."""
-        if self.address.is_unix:
-            return f"unix://{self.address.path}"
-        host, port = self.sock.getsockname()[:2]
-        h = f"[{host}]" if ":" in host else host
-        return f"{self.address.scheme}://{h}:{port}"
+        """The address as configured, with the port the kernel picked for `:0` filled in."""
+        a = self.address
+        if a.is_unix or a.port != "0":
+            return str(a)
+        port = self.sock.getsockname()[1]
+        h = f"[{a.host}]" if ":" in a.host else a.host
+        return f"{a.scheme}://{h}:{port}"
 
 
 @dataclass(eq=False)
@@ -137,7 +142,12 @@ class ListenerRegistry:
             except ListenError:
                 raise
             except OSError as e:
-                raise ListenError(f"listen {addr}: {e.strerror or e}") from None
+                reason = os.strerror(e.errno) if e.errno else str(e)
+                raise ListenError(f"listen {addr}: {reason}") from None
+            # Non-blocking from birth: socket.dup() copies the Python-level timeout
+            # onto the shared file description, so a blocking master would make
+            # every endpoint's dup blocking too (and an accept() hang the loop).
+            master.sock.setblocking(False)
             self._masters[key] = master
         master.holders.add(holder)
         return Listener(addr, master.sock.dup())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "BridgeHandler",
     "LogTargetError",
     "Logger",
     "Output",
@@ -208,8 +210,15 @@ class MultiOutput(Output):
             out.write(stamp, debug, msg)
 
     def reopen(self) -> None:
+        """Reopen every output; one that fails keeps its old file and is reported after the rest."""
+        failed: LogTargetError | None = None
         for out in self.outputs:
-            out.reopen()
+            try:
+                out.reopen()
+            except LogTargetError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
         for out in self.outputs:
@@ -342,6 +351,41 @@ class Logger:
     def debugf(self, text: str) -> None:
         if self.is_debug:
             self._emit(True, text, None)
+
+
+class BridgeHandler(logging.Handler):
+    """Routes Python `logging` records (asyncio, watchfiles, libraries) into maddy's format.
+
+    Without it, a library warning would reach stderr as a bare line in another
+    format, or with a traceback.
+    """
+
+    def __init__(self, logger: Logger) -> None:
+        super().__init__()
+        self.target = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        fields: dict[str, Any] = {}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["reason"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        sub = self.target.sub(record.name)
+        if record.levelno >= logging.WARNING:
+            sub.msg(text, **fields)
+        else:
+            sub.debug(text, **fields)
+
+
+def bridge_stdlib_logging(logger: Logger) -> None:
+    """Install `BridgeHandler` as the only root handler; INFO and below only in debug mode."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(BridgeHandler(logger))
+    root.setLevel(logging.DEBUG if logger.is_debug else logging.WARNING)
 
 
 def stderr_fallback(message: str) -> None:

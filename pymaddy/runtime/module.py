@@ -313,7 +313,7 @@ class StreamEndpoint(EndpointModule):
         for task in rest:
             task.cancel()
         if rest:
-            await asyncio.wait(rest, timeout=2.0)
+            await asyncio.wait(rest, timeout=1.0)
 
     async def stop(self) -> None:
         await self.stop_accepting()

@@ -44,7 +44,15 @@ from pymaddy.compiler.graph import Graph, ModuleInstance
 from pymaddy.config.values import Endpoint as Address
 from pymaddy.runtime import metrics, sdnotify
 from pymaddy.runtime.listeners import Listener, ListenerRegistry, ListenError
-from pymaddy.runtime.log import Logger, LogTargetError, MultiOutput, Output, open_targets, stderr_fallback
+from pymaddy.runtime.log import (
+    Logger,
+    LogTargetError,
+    MultiOutput,
+    Output,
+    bridge_stdlib_logging,
+    open_targets,
+    stderr_fallback,
+)
 from pymaddy.runtime.module import EndpointModule, Module, ModuleError, RuntimeContext
 from pymaddy.runtime.options import RunOptions
 from pymaddy.runtime.watch import ConfigWatcher
@@ -52,8 +60,11 @@ from pymaddy.runtime.watch import ConfigWatcher
 __all__ = ["RunOptions", "StartFailure", "Supervisor", "run"]
 
 VERSION = __version__
-STOP_GRACE = 3.0  # SIGTERM: how long sessions get before they are cut (systemd waits 7 s)
+# SIGTERM budget, worst case ~5 s in all (systemd's TimeoutStopSec is 7 s): sessions get
+# STOP_GRACE, cut ones 1 s to close, old drains 0.5 s, module stop()s FINAL_STOP_BUDGET.
+STOP_GRACE = 2.5
 MODULE_STOP_TIMEOUT = 1.0  # per module stop(), so a stuck module cannot hold the exit
+FINAL_STOP_BUDGET = 1.0  # SIGTERM: all modules' stop() together, after the drain
 EX_SOFTWARE = 70
 
 SIGNAL_NAMES = {  # Go's names, as maddy logs them
@@ -70,7 +81,7 @@ class StartFailure(Exception):
     """A configuration that cannot run; `lines` are user-facing messages (FILE:LINE: ...)."""
 
     def __init__(self, lines: Iterable[str]) -> None:
-        self.lines = list(lines)
+        self.lines = list(dict.fromkeys(lines))  # each message once, in order
         super().__init__("; ".join(self.lines))
 
 
@@ -117,14 +128,14 @@ def init_dirs(state_dir: str, runtime_dir: str, libexec: str) -> None:
     for path, what in ((state_dir, "statedir"), (runtime_dir, "runtimedir"), (libexec, "-libexec")):
         if not os.path.isabs(path):
             raise StartFailure([f"{what} should be absolute"])
-    for path in (state_dir, runtime_dir):
+    for path, what in ((state_dir, "state_dir"), (runtime_dir, "runtime_dir")):
         try:
             os.makedirs(path, 0o700, exist_ok=True)
             test = os.path.join(path, "writeable-test")
             os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             os.unlink(test)
         except OSError as e:
-            raise StartFailure([f"{path}: {e.strerror or e}"]) from None
+            raise StartFailure([f"{what} {path} is not a writable directory: {e.strerror or e}"]) from None
     try:
         os.chdir(state_dir)
     except OSError as e:
@@ -263,14 +274,19 @@ class Generation:
             )
         )
 
-    async def stop(self) -> None:
-        """stop() what started, dependents first; each bounded by MODULE_STOP_TIMEOUT."""
+    async def stop(self, budget: float | None = None) -> None:
+        """stop() what started, dependents first; each bounded by MODULE_STOP_TIMEOUT,
+        all together by `budget` (so SIGTERM exits in time however many modules hang)."""
         if self.stopped:
             return
         self.stopped = True
+        deadline = None if budget is None else time.monotonic() + budget
         for obj in reversed(self.started):
+            limit = MODULE_STOP_TIMEOUT
+            if deadline is not None:
+                limit = max(0.01, min(limit, deadline - time.monotonic()))
             try:
-                await asyncio.wait_for(obj.stop(), MODULE_STOP_TIMEOUT)
+                await asyncio.wait_for(obj.stop(), limit)
             except TimeoutError:
                 self.log.msg("module did not stop in time", module=obj.inst.label)
             except Exception as e:
@@ -367,6 +383,7 @@ class Supervisor:
             self.log.set_output(out).close()
             self.log_targets = targets
         self.log.debug_enabled = self.opts.debug or bool(graph.globals.get("debug"))
+        bridge_stdlib_logging(self.log)
         init_dirs(str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"]), self.opts.libexec)
         self._prepend_libexec()
         self.log.msg("configuration loaded")
@@ -492,6 +509,7 @@ class Supervisor:
             self.log.set_output(new_out).close()
             self.log_targets = targets
         self.log.debug_enabled = self.opts.debug or bool(graph.globals.get("debug"))
+        bridge_stdlib_logging(self.log)
         await self._watch(graph)
         metrics.LAST_RELOAD_OK.set(1)
         metrics.LAST_RELOAD_TIME.set(time.time())
@@ -526,6 +544,7 @@ class Supervisor:
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        bridge_stdlib_logging(self.log)
         for sig in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.opts.log:
@@ -575,19 +594,21 @@ class Supervisor:
     async def shutdown(self) -> int:
         self.log.msg("server stopping...")
         self.notify(sdnotify.STOPPING, "Waiting for old configuration to stop...")
-        if self.watcher is not None:
-            await self.watcher.stop()
         if self.current is not None:
             await self.current.stop_accepting()
         gens = [*self.retiring.values(), *([self.current] if self.current is not None else [])]
         # Draining again with close_idle hurries the old generations' own drains too.
-        await asyncio.gather(*(g.drain(STOP_GRACE, close_idle=True) for g in gens))
+        await asyncio.gather(
+            *(g.drain(STOP_GRACE, close_idle=True) for g in gens),
+            *([self.watcher.stop()] if self.watcher is not None else []),
+        )
         if self.retiring:
-            await asyncio.wait(list(self.retiring), timeout=MODULE_STOP_TIMEOUT * 2)
+            await asyncio.wait(list(self.retiring), timeout=0.5)
         self.notify(sdnotify.STOPPING, "Waiting for current configuration to stop...")
-        for g in gens:
-            await g.stop()
+        await asyncio.gather(*(g.stop(budget=FINAL_STOP_BUDGET) for g in gens))
         self.registry.close_all()
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=0.5)
         metrics.UP.set(0)
         self.log.msg("server stopped")
         self.log.output.close()

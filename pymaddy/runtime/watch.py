@@ -77,7 +77,7 @@ class ConfigWatcher:
         if task is None:
             return
         # The watch thread notices the stop event within STEP_MS.
-        done, _ = await asyncio.wait({task}, timeout=2.0)
+        done, _ = await asyncio.wait({task}, timeout=1.0)
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
