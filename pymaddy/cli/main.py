@@ -43,11 +43,23 @@ def _globals(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="send every DNS query to this server (tests)")
 
 
+# Management commands live in their own modules: each has
+#   register(sub: argparse._SubParsersAction, add_globals: Callable[[ArgumentParser], None]) -> None
+# and its parsers set `func=run(ns, config_path) -> int` as a default. A module
+# that does not exist yet is simply not offered.
+COMMAND_MODULES = ("pymaddy.cli.creds", "pymaddy.cli.hash", "pymaddy.cli.imap_acct")
+
+
+def _add_globals(p: argparse.ArgumentParser) -> None:
+    _globals(p, suppress=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pymaddy", description="pymaddy: a composable all-in-one mail server (maddy-compatible)")
     _globals(p, suppress=False)
     p.add_argument("-v", dest="show_version", action="store_true", help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p.set_defaults(func=None)
 
     run = sub.add_parser("run", help="start the server")
     _globals(run, suppress=True)
@@ -59,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--syntax-only", "-syntax-only", action="store_true", help="check the config language only")
         c.add_argument("--print", "-print", dest="print_config", action="store_true",
                        help="print the config after macro, env, snippet and import expansion, with FILE:LINE")
+
+    import importlib
+
+    for modname in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        mod.register(sub, _add_globals)
 
     v = sub.add_parser("version", help="print version and build defaults")
     _globals(v, suppress=True)
@@ -93,6 +116,9 @@ def _main(argv: list[str]) -> int:
         return _version()
     if ns.command in ("check-config", "verify-config"):
         return check_config(config, syntax_only=ns.syntax_only, print_config=ns.print_config)
+    if getattr(ns, "func", None) is not None:
+        code: int = ns.func(ns, config)
+        return code
     if ns.command == "run":
         from pymaddy.runtime.supervisor import RunOptions, run
 

@@ -7,9 +7,11 @@ named by `ModuleSchema.runtime` are imported only by `run`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
+from pymaddy.compiler.runtimes import RUNTIMES
 from pymaddy.config.schema import ModuleSchema
 
 SCHEMA_PACKAGES = (
@@ -36,6 +38,8 @@ def registry() -> dict[str, ModuleSchema]:
                 raise
             continue
         for schema in getattr(mod, "SCHEMAS", ()):
+            if schema.runtime is None and schema.name in RUNTIMES:
+                schema = dataclasses.replace(schema, runtime=RUNTIMES[schema.name])
             if schema.name in out:
                 raise RuntimeError(f"module {schema.name} registered twice ({pkg})")
             out[schema.name] = schema

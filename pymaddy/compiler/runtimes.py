@@ -1,0 +1,50 @@
+"""Which modules have an implementation, and where: "package.module:Class".
+
+One list, so it is plain to see what `pymaddy run` can start; a schema may
+also name its runtime itself (ModuleSchema.runtime), which takes precedence.
+A module absent from both makes `run` refuse the config with FILE:LINE.
+tests/unit/test_runtimes.py imports every entry, so a name here that does not
+resolve fails the suite.
+"""
+
+from __future__ import annotations
+
+RUNTIMES: dict[str, str] = {
+    # endpoints
+    "smtp": "pymaddy.endpoints.smtp:SMTPEndpoint",
+    "submission": "pymaddy.endpoints.smtp:SMTPEndpoint",
+    "lmtp": "pymaddy.endpoints.smtp:SMTPEndpoint",
+    # pipeline and groups
+    "msgpipeline": "pymaddy.pipeline.msgpipeline:MsgPipeline",
+    "checks": "pymaddy.pipeline.groups:CheckGroup",
+    "modifiers": "pymaddy.pipeline.groups:ModifierGroup",
+    "limits": "pymaddy.pipeline.limits:Limits",
+    "dummy": "pymaddy.pipeline.dummy:Dummy",
+    # tables
+    "table.static": "pymaddy.tables.static:StaticTable",
+    "table.file": "pymaddy.tables.file:FileTable",
+    "table.regexp": "pymaddy.tables.regexp:RegexpTable",
+    "table.chain": "pymaddy.tables.chain:ChainTable",
+    "table.identity": "pymaddy.tables.simple:IdentityTable",
+    "table.email_localpart": "pymaddy.tables.simple:EmailLocalpartTable",
+    "table.email_localpart_optional": "pymaddy.tables.simple:EmailLocalpartOptionalTable",
+    "table.email_with_domain": "pymaddy.tables.simple:EmailWithDomainTable",
+    "table.sql_query": "pymaddy.tables.sql:SQLQueryTable",
+    "table.sql_table": "pymaddy.tables.sql:SQLTable",
+    # modifiers
+    "modify.replace_rcpt": "pymaddy.modify.replace:ReplaceRcpt",
+    "modify.replace_sender": "pymaddy.modify.replace:ReplaceSender",
+    # auth
+    "auth.pass_table": "pymaddy.auth.pass_table:PassTable",
+    "auth.plain_separate": "pymaddy.auth.plain_separate:PlainSeparate",
+    # checks
+    "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
+    "require_tls": "pymaddy.checks.require_tls:RequireTLS",
+    # storage
+    "storage.imapsql": "pymaddy.storage.imapsql:IMAPSQL",
+    "target.imapsql": "pymaddy.storage.imapsql:IMAPSQL",
+    "storage.blob.fs": "pymaddy.storage.blob_fs:FSBlobStore",
+    # TLS
+    "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
+    "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",
+}
