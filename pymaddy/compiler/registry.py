@@ -37,7 +37,8 @@ def registry() -> dict[str, ModuleSchema]:
             if e.name != pkg:
                 raise
             continue
-        for schema in getattr(mod, "SCHEMAS", ()):
+        for declared in getattr(mod, "SCHEMAS", ()):
+            schema = declared
             if schema.runtime is None and schema.name in RUNTIMES:
                 schema = dataclasses.replace(schema, runtime=RUNTIMES[schema.name])
             if schema.name in out:

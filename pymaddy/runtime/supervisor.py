@@ -21,7 +21,9 @@ Invariants:
   errors and for a forced stop (second signal), 2 for a bad --log target,
   70 for an internal error. A user never sees a traceback: errors are
   single `Error: ...` lines on stderr before start-up, log lines after.
-- Never runs as root unless PYMADDY_ALLOW_ROOT=1 (test environments).
+- Never serves as root: started as root it prepares what needs root (dirs,
+  log files, sockets below 1024), then drops to $PYMADDY_USER / maddy /
+  nobody before any module starts (`privileges`); PYMADDY_ALLOW_ROOT=1 opts out.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from typing import Any
 from pymaddy import __version__
 from pymaddy.compiler.compile import CompileResult, compile_file
 from pymaddy.compiler.graph import Graph, ModuleInstance
+from pymaddy.compiler.registry import registry
 from pymaddy.config.values import Endpoint as Address
-from pymaddy.runtime import metrics, sdnotify
+from pymaddy.runtime import metrics, privileges, sdnotify
 from pymaddy.runtime.listeners import Listener, ListenerRegistry, ListenError
 from pymaddy.runtime.log import (
     Logger,
@@ -55,6 +58,7 @@ from pymaddy.runtime.log import (
 )
 from pymaddy.runtime.module import EndpointModule, Module, ModuleError, RuntimeContext
 from pymaddy.runtime.options import RunOptions
+from pymaddy.runtime.privileges import PrivilegeError, Target
 from pymaddy.runtime.watch import ConfigWatcher
 
 __all__ = ["RunOptions", "StartFailure", "Supervisor", "run"]
@@ -66,6 +70,8 @@ STOP_GRACE = 2.5
 MODULE_STOP_TIMEOUT = 1.0  # per module stop(), so a stuck module cannot hold the exit
 FINAL_STOP_BUDGET = 1.0  # SIGTERM: all modules' stop() together, after the drain
 EX_SOFTWARE = 70
+
+LOG_KEYWORDS = ("stderr", "stderr_ts", "syslog", "off")
 
 SIGNAL_NAMES = {  # Go's names, as maddy logs them
     signal.SIGTERM: "terminated",
@@ -326,12 +332,18 @@ class Supervisor:
         self.watcher: ConfigWatcher | None = None
         self.path_set = False
         self.background: set[asyncio.Task[Any]] = set()
+        self.target: Target | None = None  # the user to become when started as root
+        self.new_logs: list[str] = []  # log files created at start-up (as root)
 
     # -- helpers -------------------------------------------------------------------------
 
     def notify(self, state: str | None, status: str | None = None) -> None:
         sdnotify.notify(state, status, on_error=self.log.printf)
         self.log.debug("systemd notify", state=state or "", status=status or "")
+
+    def _missing_log_files(self, targets: Iterable[str]) -> list[str]:
+        paths = [os.path.normpath(os.path.join(self.launch_cwd, t)) for t in targets if t not in LOG_KEYWORDS]
+        return privileges.missing_files(paths)
 
     def _compile(self) -> CompileResult:
         return compile_file(self.config_path)
@@ -377,7 +389,14 @@ class Supervisor:
     async def startup(self) -> None:
         """Compile, prepare, start generation 1; raises StartFailure for the user."""
         self.log.msg("loading configuration...")
+        if privileges.must_drop():
+            try:
+                self.target = privileges.resolve_target()
+            except PrivilegeError as e:
+                raise StartFailure([str(e)]) from None
         graph = self._check(await asyncio.to_thread(self._compile))
+        if not self.opts.log:
+            self.new_logs += self._missing_log_files(graph.globals.get("log") or [])
         out, targets = self._apply_log_targets(graph)
         if out is not None:
             self.log.set_output(out).close()
@@ -385,6 +404,11 @@ class Supervisor:
         self.log.debug_enabled = self.opts.debug or bool(graph.globals.get("debug"))
         bridge_stdlib_logging(self.log)
         init_dirs(str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"]), self.opts.libexec)
+        if self.target is not None:
+            for path in (str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"])):
+                privileges.chown_dir(path, self.target)
+            for path in self.new_logs:
+                privileges.chown_new_file(path, self.target)
         self._prepend_libexec()
         self.log.msg("configuration loaded")
         self.counter += 1
@@ -392,6 +416,7 @@ class Supervisor:
         try:
             gen.build()
             gen.acquire(self.registry)
+            self._drop_privileges(graph, gen)
             await gen.start()
             await gen.serve()
         except BaseException:
@@ -405,6 +430,58 @@ class Supervisor:
         metrics.LAST_RELOAD_TIME.set(time.time())
         self.log.msg("server started", version=VERSION)
         self.notify(sdnotify.READY, "Configuration running.")
+
+    def _drop_privileges(self, graph: Graph, gen: Generation) -> None:
+        """Started as root: become the target user now that the sockets are bound."""
+        target = self.target
+        if target is None:
+            if privileges.running_as_root():
+                self.log.msg(f"running as root: {privileges.ALLOW_ROOT_ENV}=1 is set, privileges are not dropped")
+            return
+        for listeners in gen.listeners.values():
+            for item in listeners:
+                if item.address.is_unix:
+                    privileges.chown_socket(self.registry.key_of(item.address)[1], target)
+        # Modules a reload may need, loaded while every file is readable (the Python
+        # installation may live where the target user cannot look, e.g. under /root).
+        runtimes = [s.runtime.partition(":")[0] for s in registry().values() if s.runtime]
+        watch = privileges.WATCHER_MODULES if os.environ.get("PYMADDY_WATCH_CONFIG", "1") != "0" else ()
+        for name, err in privileges.preload([*privileges.LAZY_STDLIB, *runtimes, *watch]):
+            self.log.debug("could not preload module", module=name, reason=err)
+        import_paths = [p for p in sys.path if p and os.path.exists(p)]
+        try:
+            res = privileges.drop(target)
+        except PrivilegeError as e:
+            raise StartFailure([str(e)]) from None
+        self.log.msg("dropped privileges", gid=target.gid, uid=target.uid, user=target.name)
+        blocked = privileges.unreadable_import_paths(import_paths)
+        if blocked:
+            self.log.msg(
+                f"Python's installation is not readable by user {target.name}: the modules pymaddy needs were "
+                "loaded before dropping privileges; install pymaddy where that user can read it",
+                paths=blocked,
+            )
+        if not res.bind_cap:
+            self.log.error(
+                "could not keep CAP_NET_BIND_SERVICE: a reload that adds a port below 1024 will fail",
+                err=res.cap_error or "unknown error",
+            )
+        elif not res.ambient:
+            self.log.debug("CAP_NET_BIND_SERVICE kept, but not as an ambient capability")
+        who = f"user {target.name} (uid {target.uid})"
+        files = [os.path.join(self.launch_cwd, f) for f in graph.files] or [self.config_path]
+        bad = privileges.unreadable(files)
+        if bad:
+            raise StartFailure(
+                f"configuration file {path} is not readable by {who}, which pymaddy runs as after dropping "
+                f"root privileges: {why}; make it readable by that user or its group "
+                f"(or choose the user with {privileges.USER_ENV})"
+                for path, why in bad
+            )
+        try:
+            init_dirs(str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"]), self.opts.libexec)
+        except StartFailure as e:
+            raise StartFailure(f"{line} (as {who})" for line in e.lines) from None
 
     async def _watch(self, graph: Graph) -> None:
         if os.environ.get("PYMADDY_WATCH_CONFIG", "1") == "0":
@@ -548,6 +625,7 @@ class Supervisor:
         for sig in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.opts.log:
+            self.new_logs += self._missing_log_files(self.opts.log)
             try:
                 self.log.set_output(open_targets(self.opts.log, cwd=self.launch_cwd))
             except LogTargetError as e:
@@ -615,18 +693,8 @@ class Supervisor:
         return 0
 
 
-def _refuse_root() -> bool:
-    return os.geteuid() == 0 and os.environ.get("PYMADDY_ALLOW_ROOT") != "1"
-
-
 def run(opts: RunOptions) -> int:
     """Run the server until a stop signal; returns the process exit status."""
-    if _refuse_root():
-        stderr_fallback(
-            "Error: refusing to run as root: start pymaddy as an unprivileged user "
-            "(the systemd unit uses User=maddy and CAP_NET_BIND_SERVICE for ports below 1024)"
-        )
-        return 1
     metrics.BUILD_INFO.set(1, version=VERSION, maddy="0.9.4")
     sup = Supervisor(opts)
     try:

@@ -73,37 +73,40 @@ def test_config_errors_are_listed_and_exit_1(tmp_path: Path) -> None:
 
 
 def test_module_without_runtime_is_refused(tmp_path: Path) -> None:
-    expected = []
+    # Modules that exist in maddy but whose runtime is not written yet must make
+    # run refuse, naming each one — never start a server that silently ignores them.
+    missing = sorted(n for n, s in registry().items() if s.runtime is None and n.startswith("target."))
+    assert "target.remote" in missing, "pick another unimplemented module for this test"
     text = (
         f"state_dir {tmp_path}/state\nruntime_dir {tmp_path}/run\n"
-        f"smtp tcp://127.0.0.1:{free_port()} {{\n  hostname example.org\n  tls off\n  deliver_to dummy\n}}\n"
+        "hostname example.org\n"
+        f"smtp tcp://127.0.0.1:{free_port()} {{\n  tls off\n  deliver_to &outbound\n}}\n"
+        "target.remote outbound { }\n"
     )
-    for name, line in (("smtp", 3), ("dummy", 6)):
-        if registry()[name].runtime is None:
-            expected.append(f"maddy.conf:{line}: module {name} is not implemented yet")
-    if not expected:
-        pytest.skip("smtp and dummy both have runtimes now")
     cfg = write(tmp_path / "maddy.conf", text)
     srv = Server(cfg)
     try:
         assert srv.wait_exit() == 1
     finally:
         srv.close()
-    for e in expected:
-        assert f"Error: {tmp_path}/{e}" in srv.lines, srv.lines
+    assert f"Error: {tmp_path}/maddy.conf:8: module target.remote is not implemented yet" in srv.lines, srv.lines
     assert "server started" not in srv.output
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs to run as root")
-def test_refuses_to_run_as_root(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "maddy.conf", metrics_config(tmp_path, free_port()))
-    srv = Server(cfg, allow_root=False)
-    try:
-        assert srv.wait_exit() == 1
-    finally:
-        srv.close()
-    assert any("refusing to run as root" in ln for ln in srv.lines), srv.lines
-    assert not (tmp_path / "state").exists()
+def test_allow_root_stays_root_and_says_so(tmp_path: Path) -> None:
+    """PYMADDY_ALLOW_ROOT=1 (the harness default) opts out of the privilege drop, with a warning;
+    the drop itself is covered by test_privileges.py."""
+    port = free_port()
+    cfg = write(tmp_path / "maddy.conf", metrics_config(tmp_path, port))
+    with running(cfg, allow_root=True) as srv:
+        srv.started()
+        assert get(port)[0] == 200
+        with open(f"/proc/{srv.proc.pid}/status") as f:
+            uid_line = next(ln for ln in f if ln.startswith("Uid:"))
+        assert uid_line.split()[1:] == ["0"] * 4
+    assert "running as root: PYMADDY_ALLOW_ROOT=1 is set, privileges are not dropped\t" in srv.lines
+    assert "dropped privileges" not in srv.output
 
 
 def test_relative_state_dir_is_refused(tmp_path: Path) -> None:
