@@ -52,12 +52,13 @@ CURVES = ("p256", "p384", "p521", "X25519")
 
 def _protocols(node: Node, ctx: Ctx) -> tuple[str, str | None]:
     if not 1 <= len(node.args) <= 2:
-        raise ConfigError.at(node, "expected one or two arguments")
+        raise ConfigError.at(node, "expected 1 or 2 arguments")
     for a in node.args:
         if a not in TLS_VERSIONS:
-            raise ConfigError.at(node, f"invalid TLS version: {a}, valid values are: [{' '.join(TLS_VERSIONS)}]")
+            raise ConfigError.at(node, f"invalid TLS version value: {a}")
     lo = node.args[0]
-    hi = node.args[1] if len(node.args) == 2 else None
+    # One version means exactly that version (maddy: min = max).
+    hi = node.args[1] if len(node.args) == 2 else lo
     if hi is not None and TLS_VERSIONS.index(hi) < TLS_VERSIONS.index(lo):
         raise ConfigError.at(node, "minimum TLS version is above the maximum")
     return lo, hi
