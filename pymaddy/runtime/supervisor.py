@@ -35,6 +35,7 @@ import importlib
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Iterable
@@ -137,8 +138,9 @@ def init_dirs(state_dir: str, runtime_dir: str, libexec: str) -> None:
     for path, what in ((state_dir, "state_dir"), (runtime_dir, "runtime_dir")):
         try:
             os.makedirs(path, 0o700, exist_ok=True)
-            test = os.path.join(path, "writeable-test")
-            os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            # A name of its own per process: the CLI may start while the server does.
+            fd, test = tempfile.mkstemp(prefix="writeable-test-", dir=path)
+            os.close(fd)
             os.unlink(test)
         except OSError as e:
             raise StartFailure([f"{what} {path} is not a writable directory: {e.strerror or e}"]) from None
