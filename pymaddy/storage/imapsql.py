@@ -1,0 +1,746 @@
+"""storage.imapsql / target.imapsql: mailboxes in SQLite, bodies in a blob store (spec §F).
+
+This module is the delivery side and the account API; the IMAP server builds
+on the same schema (pymaddy/storage/sqlschema.py) and the read helpers here.
+
+Delivery (maddy's internal/storage/imapsql/delivery.go, go-imap-sql Delivery):
+
+* add_rcpt: normalize (`delivery_normalize`) → `delivery_map` (if set) → account
+  (lower-cased like go-imap-sql); unknown ⇒ `501 5.1.1 User does not exist`; an
+  account already added is accepted again and delivered once.
+* body: the message — `Return-Path: <sender>` on top — is written once to a new
+  blob (temporary file, fsync, rename); every copy gets its own
+  `Delivered-To: <account>` prefix stored in its index row. Quarantined mail goes
+  to the account's `\\Junk` mailbox, created as `junk_mailbox` when missing.
+* commit: the index rows are written by the group-committing writer
+  (pymaddy/storage/sqlitedb.py): the blob directory is fsynced, then the rows
+  are committed with `synchronous=FULL`, shared with every other commit of
+  the same moment. When commit() returns, the message is on disk.
+
+`appendlimit` is an IMAP APPEND limit only; SMTP delivery ignores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pymaddy.auth.normalize import NormalizeError
+from pymaddy.auth.normalize import get as get_normalizer
+from pymaddy.mail.errors import SMTPError, internal_error
+from pymaddy.mail.message import Body, Header, MsgMeta
+from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget, PartialDelivery, StatusCallback
+from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
+from pymaddy.storage.blob_fs import BlobWriter, FSBlobStore, NoSuchBlob, new_key
+from pymaddy.storage.sqlitedb import SQLiteDB
+from pymaddy.storage.sqlschema import SchemaError, now
+from pymaddy.tables.base import Table
+
+if TYPE_CHECKING:
+    from pymaddy.compiler.graph import ModuleInstance
+
+INBOX = "INBOX"
+DELIMITER = "."
+SPECIAL_USE = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+# `imap-acct create` default folders: (special-use attribute, default name).
+DEFAULT_SPECIAL = (("\\Sent", "Sent"), ("\\Trash", "Trash"), ("\\Junk", "Junk"), ("\\Drafts", "Drafts"),
+                   ("\\Archive", "Archive"))
+CHUNK = 256 * 1024
+ORPHAN_MIN_AGE = 3600.0  # blob files without a row are swept only when older than this
+MAINTENANCE_INTERVAL = 5 * 3600.0  # maddy/go-imap-sql run `PRAGMA optimize` every 5 hours
+
+
+# -- errors (go-imap-sql / go-imap wording) ---------------------------------------------------
+
+
+class StorageError(Exception):
+    pass
+
+
+class AccountExists(StorageError):
+    def __init__(self) -> None:
+        super().__init__("imap: user already exists")
+
+
+class AccountNotFound(StorageError):
+    def __init__(self) -> None:
+        super().__init__("imap: user doesn't exists")
+
+
+class MailboxExists(StorageError):
+    def __init__(self) -> None:
+        super().__init__("Mailbox already exists")
+
+
+class MailboxNotFound(StorageError):
+    def __init__(self) -> None:
+        super().__init__("No such mailbox")
+
+
+def user_does_not_exist(reason: str = "") -> SMTPError:
+    return SMTPError(501, (5, 1, 1), "User does not exist", target="imapsql", reason=reason)
+
+
+def _storage_smtp_error(e: BaseException) -> SMTPError:
+    if isinstance(e, SMTPError):
+        return e
+    if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+        return SMTPError(453, (4, 3, 2), "Internal server error, try again later", target="imapsql", reason=str(e))
+    return internal_error(e, temporary=True)
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    appendlimit: int | None
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    id: int
+    account_id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    special_use: str | None
+    subscribed: bool
+    appendlimit: int | None
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    id: int
+    mailbox_id: int
+    uid: int
+    modseq: int
+    internaldate: int
+    size: int
+    blob_key: str
+    prefix: bytes
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Update:
+    """A change IMAP sessions must learn about (published after the commit).
+
+    kind: "message" (new message `uid` in `mailbox`), "mailbox" (created), "account_removed".
+    """
+
+    kind: str
+    account: str
+    mailbox: str = ""
+    uid: int = 0
+
+
+UpdateSink = Callable[[Update], None]
+
+
+def account_key(name: str) -> str:
+    """Account names as go-imap-sql keys them (strings.ToLower)."""
+    return name.lower()
+
+
+def _mailbox_row(r: tuple[Any, ...]) -> MailboxInfo:
+    return MailboxInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+
+
+_MBOX_COLS = "id, account_id, name, uidvalidity, uidnext, highestmodseq, special_use, subscribed, appendlimit"
+
+
+# -- blocking SQL (run in the writer or reader threads) ------------------------------------------
+
+
+def _get_account(conn: sqlite3.Connection, name: str) -> Account | None:
+    r = conn.execute("SELECT id, name, appendlimit FROM accounts WHERE name = ?", (name,)).fetchone()
+    return Account(r[0], r[1], r[2]) if r else None
+
+
+def _require_account(conn: sqlite3.Connection, name: str) -> Account:
+    acct = _get_account(conn, name)
+    if acct is None:
+        raise AccountNotFound()
+    return acct
+
+
+def _create_mailbox(conn: sqlite3.Connection, account_id: int, name: str, special_use: str | None = None) -> int:
+    if name.upper() == INBOX:
+        name = INBOX
+    if conn.execute("SELECT 1 FROM mailboxes WHERE account_id = ? AND name = ?", (account_id, name)).fetchone():
+        raise MailboxExists()
+    cur = conn.execute(
+        "INSERT INTO mailboxes (account_id, name, uidvalidity, special_use) VALUES (?, ?, ?, ?)",
+        (account_id, name, secrets.randbelow(0xFFFFFFFE) + 1, special_use),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _create_account(conn: sqlite3.Connection, name: str, special: Iterable[tuple[str, str]] = ()) -> Account:
+    if _get_account(conn, name) is not None:
+        raise AccountExists()
+    cur = conn.execute("INSERT INTO accounts (name, created) VALUES (?, ?)", (name, now()))
+    assert cur.lastrowid is not None
+    _create_mailbox(conn, cur.lastrowid, INBOX)
+    for attr, mbox in special:
+        if mbox:
+            _create_mailbox(conn, cur.lastrowid, mbox, attr)
+    return Account(cur.lastrowid, name, None)
+
+
+def _mailbox_id(conn: sqlite3.Connection, account_id: int, name: str) -> int | None:
+    r = conn.execute("SELECT id FROM mailboxes WHERE account_id = ? AND name = ?", (account_id, name)).fetchone()
+    return int(r[0]) if r else None
+
+
+def _junk_mailbox(conn: sqlite3.Connection, account_id: int, fallback: str) -> tuple[int, str]:
+    """go-imap-sql SpecialMailbox: the first `\\Junk` mailbox, else `fallback` (created as \\Junk)."""
+    r = conn.execute(
+        "SELECT id, name FROM mailboxes WHERE account_id = ? AND special_use = ? ORDER BY id LIMIT 1",
+        (account_id, "\\Junk"),
+    ).fetchone()
+    if r:
+        return int(r[0]), str(r[1])
+    mid = _mailbox_id(conn, account_id, fallback)
+    if mid is None:
+        mid = _create_mailbox(conn, account_id, fallback, "\\Junk")
+    return mid, fallback
+
+
+def _remove_refs(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> None:
+    """Drop blob references of the messages selected by `where` (over messages m JOIN mailboxes b)."""
+    rows = conn.execute(
+        f"SELECT m.blob_key, count(*) FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id WHERE {where} "
+        "GROUP BY m.blob_key",
+        args,
+    ).fetchall()
+    conn.executemany("UPDATE blobs SET refs = refs - ? WHERE key = ?", [(n, k) for k, n in rows])
+
+
+def _next_uid(conn: sqlite3.Connection, mailbox_id: int) -> tuple[int, int]:
+    """Allocate the next UID and MODSEQ of a mailbox (inside the write transaction)."""
+    uid, modseq = conn.execute("SELECT uidnext, highestmodseq + 1 FROM mailboxes WHERE id = ?",
+                               (mailbox_id,)).fetchone()
+    conn.execute("UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?", (uid + 1, modseq, mailbox_id))
+    return int(uid), int(modseq)
+
+
+def _optimize(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA optimize")
+    conn.execute("PRAGMA incremental_vacuum(1000)")
+
+
+def _dead_blobs(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT key FROM blobs WHERE refs <= 0").fetchall()]
+
+
+# -- the module -----------------------------------------------------------------------------------
+
+
+class IMAPSQL(Module, DeliveryTarget, Table):
+    """storage.imapsql (and target.imapsql)."""
+
+    def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
+        super().__init__(inst, ctx)
+        s = self.settings
+        self.driver = str(s.get("driver") or "")
+        self.dsn = " ".join(s.get("dsn") or [])
+        self.junk_mailbox: str = s.get("junk_mailbox") or "Junk"
+        limit = s.get("appendlimit")
+        self.appendlimit: int | None = None if limit is None or limit < 0 else int(limit)
+        self.disable_recent = bool(s.get("disable_recent", True))
+        try:
+            self._delivery_norm = get_normalizer(s.get("delivery_normalize") or "precis_casefold_email")
+            self._auth_norm = get_normalizer(s.get("auth_normalize") or "auto")
+        except NormalizeError as e:
+            raise ModuleError(f"imapsql: {e}") from None
+        self._delivery_map_inst = s.get("delivery_map")
+        self._auth_map_inst = s.get("auth_map")
+        self._blob_inst = s.get("msg_store")
+        self.delivery_map: Table | None = None
+        self.auth_map: Table | None = None
+        self.blobs: FSBlobStore | None = None
+        self.db: SQLiteDB | None = None
+        self.group_window: float | None = None  # tests may tune; None = sqlitedb default
+        self._sinks: list[UpdateSink] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    def log_name(self) -> str:
+        return "imapsql"
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def db_path(self) -> str:
+        dsn = self.dsn
+        if dsn.startswith("file:"):
+            dsn = dsn[5:]
+        dsn = dsn.split("?", 1)[0]
+        return os.path.join(self.ctx.state_dir, dsn) if self.ctx.state_dir else os.path.abspath(dsn)
+
+    async def start(self) -> None:
+        driver = "sqlite" if self.driver == "sqlite3" else self.driver
+        if driver != "sqlite":
+            raise ModuleError(f"imapsql: driver {self.driver} is not supported yet (only sqlite3)")
+        if self._blob_inst is None:
+            raise ModuleError("imapsql: msg_store is not set")
+        blobs = self.ctx.module(self._blob_inst)
+        if not isinstance(blobs, FSBlobStore):
+            raise ModuleError(f"imapsql: msg_store {self._blob_inst.label} is not supported yet")
+        self.blobs = blobs
+        if self._delivery_map_inst is not None:
+            self.delivery_map = self._table(self._delivery_map_inst)
+        if self._auth_map_inst is not None:
+            self.log.msg("auth_map in storage.imapsql is deprecated and will be removed in the next release, "
+                         "use storage_map in imap config instead")
+            self.auth_map = self._table(self._auth_map_inst)
+        comp = self.settings.get("compression")
+        if comp is not None and getattr(comp, "algo", "off") != "off":
+            self.log.msg("compression is not implemented yet, messages are stored uncompressed",
+                         algo=comp.algo)
+        if self.settings.get("imap_filter") is not None:
+            self.log.msg("imap_filter is not implemented yet and is ignored")  # hook: filter in body()
+        db = SQLiteDB(self.db_path(), int(self.settings.get("sqlite3_busy_timeout") or 5000),
+                      int(self.settings.get("sqlite3_cache_size") or 0))
+        if self.group_window is not None:
+            db.group_window = self.group_window
+        try:
+            old, new = await asyncio.to_thread(db.open)
+        except (sqlite3.Error, SchemaError, OSError) as e:
+            raise ModuleError(f"imapsql: {e}") from None
+        if old != new:
+            self.log.debug("database schema migrated", path=db.path, **{"from": old, "to": new})
+        self.db = db
+        self._spawn(self.collect_garbage())
+        self._spawn(self._maintenance())
+
+    def _table(self, inst: ModuleInstance) -> Table:
+        obj = self.ctx.module(inst)
+        if not isinstance(obj, Table):
+            raise ModuleError(f"imapsql: {inst.label} is not a table")
+        return obj
+
+    async def stop(self) -> None:
+        for t in list(self._bg):
+            t.cancel()
+        db, self.db = self.db, None
+        if db is not None:
+            await asyncio.to_thread(db.close, 0.9)
+
+    async def _maintenance(self) -> None:
+        """Every MAINTENANCE_INTERVAL: query planner statistics, free pages back to the file system."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            try:
+                await self._db().write(_optimize)
+            except Exception as e:
+                self.log.error("SQLite maintenance failed", err=e)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def _db(self) -> SQLiteDB:
+        if self.db is None:
+            raise StorageError("imapsql: storage is not started")
+        return self.db
+
+    def _store(self) -> FSBlobStore:
+        if self.blobs is None:
+            raise StorageError("imapsql: storage is not started")
+        return self.blobs
+
+    # -- update propagation (the IMAP work builds on this) -------------------------------------------
+
+    def subscribe(self, sink: UpdateSink) -> Callable[[], None]:
+        """Call `sink` for every update committed by this process; returns the unsubscribe function."""
+        self._sinks.append(sink)
+        return lambda: self._sinks.remove(sink) if sink in self._sinks else None
+
+    def publish(self, updates: Iterable[Update]) -> None:
+        """Hand committed updates to local subscribers.
+
+        HOOK (IMAP issue): also push them to other processes through the update
+        pipe at `update_socket_path()` (maddy's updatepipe.UnixSockPipe, one
+        line per update) and feed updates received there to the local sinks.
+        """
+        for u in updates:
+            for sink in list(self._sinks):
+                try:
+                    sink(u)
+                except Exception as e:
+                    self.log.error("update subscriber failed", err=e)
+
+    def update_socket_path(self) -> str:
+        """RUNTIME/sql-<sha1 hex of DSN>.sock, where maddy's processes exchange updates for this DB."""
+        digest = hashlib.sha1(self.dsn.encode()).hexdigest()
+        return os.path.join(self.ctx.runtime_dir, f"sql-{digest}.sock")
+
+    # -- Table: existing accounts map to "" ------------------------------------------------------------
+
+    async def lookup_multi(self, key: str) -> list[str]:
+        try:
+            name = await self.auth_normalize(key)
+        except (NormalizeError, LookupError):
+            return []
+        acct = await self._db().read(lambda c: _get_account(c, name))
+        return [""] if acct is not None else []
+
+    async def auth_normalize(self, username: str) -> str:
+        """maddy's authNormalize (auth_normalize + deprecated auth_map) then go-imap-sql's lower-casing."""
+        name = self._auth_norm(username)
+        if self.auth_map is not None:
+            mapped = await self.auth_map.lookup(name)
+            if mapped is None:
+                raise LookupError(username)
+            name = mapped
+        return account_key(name)
+
+    # -- accounts (CLI, IMAP login) ----------------------------------------------------------------------
+
+    async def create_account(self, name: str, special: Iterable[tuple[str, str]] = ()) -> Account:
+        """Create an account with INBOX and the given (special-use attribute, name) folders.
+
+        Raises AccountExists. A folder name that is empty is skipped.
+        """
+        key = account_key(name)
+        folders = list(special)
+        return await self._db().write(lambda c: _create_account(c, key, folders))
+
+    async def get_or_create_account(self, name: str) -> Account:
+        """The account (created with INBOX only when missing): IMAP login auto-creates accounts."""
+        key = account_key(name)
+
+        def job(c: sqlite3.Connection) -> Account:
+            return _get_account(c, key) or _create_account(c, key)
+
+        return await self._db().write(job)
+
+    async def get_account(self, name: str) -> Account | None:
+        key = account_key(name)
+        return await self._db().read(lambda c: _get_account(c, key))
+
+    async def list_accounts(self) -> list[str]:
+        rows = await self._db().read(lambda c: c.execute("SELECT name FROM accounts ORDER BY id").fetchall())
+        return [r[0] for r in rows]
+
+    async def remove_account(self, name: str) -> None:
+        """Delete the account, its mailboxes and messages (blobs go once nothing refers to them)."""
+        key = account_key(name)
+
+        def job(c: sqlite3.Connection) -> None:
+            acct = _require_account(c, key)
+            _remove_refs(c, "b.account_id = ?", (acct.id,))
+            c.execute("DELETE FROM accounts WHERE id = ?", (acct.id,))
+
+        await self._db().write(job)
+        self.publish([Update("account_removed", key)])
+        await self.collect_garbage(orphans=False)
+
+    async def get_appendlimit(self, name: str) -> int | None:
+        """The account's own APPENDLIMIT (None = not set). Raises AccountNotFound."""
+        key = account_key(name)
+        acct = await self._db().read(lambda c: _require_account(c, key))
+        return acct.appendlimit
+
+    async def set_appendlimit(self, name: str, value: int | None) -> None:
+        key = account_key(name)
+
+        def job(c: sqlite3.Connection) -> None:
+            acct = _require_account(c, key)
+            c.execute("UPDATE accounts SET appendlimit = ? WHERE id = ?", (value, acct.id))
+
+        await self._db().write(job)
+
+    # -- mailboxes and messages (read side, used by tests and later by IMAP) -----------------------------
+
+    async def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> MailboxInfo:
+        key = account_key(account)
+
+        def job(c: sqlite3.Connection) -> MailboxInfo:
+            acct = _require_account(c, key)
+            mid = _create_mailbox(c, acct.id, name, special_use)
+            return _mailbox_row(c.execute(f"SELECT {_MBOX_COLS} FROM mailboxes WHERE id = ?", (mid,)).fetchone())
+
+        info = await self._db().write(job)
+        self.publish([Update("mailbox", key, info.name)])
+        return info
+
+    async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
+        key = account_key(account)
+
+        def q(c: sqlite3.Connection) -> list[MailboxInfo]:
+            acct = _require_account(c, key)
+            rows = c.execute(f"SELECT {_MBOX_COLS} FROM mailboxes WHERE account_id = ? ORDER BY name",
+                             (acct.id,)).fetchall()
+            return [_mailbox_row(r) for r in rows]
+
+        return await self._db().read(q)
+
+    async def list_messages(self, account: str, mailbox: str = INBOX) -> list[MessageInfo]:
+        key = account_key(account)
+
+        def q(c: sqlite3.Connection) -> list[MessageInfo]:
+            acct = _require_account(c, key)
+            mid = _mailbox_id(c, acct.id, mailbox)
+            if mid is None:
+                raise MailboxNotFound()
+            rows = c.execute(
+                "SELECT id, mailbox_id, uid, modseq, internaldate, size, blob_key, prefix FROM messages "
+                "WHERE mailbox_id = ? ORDER BY uid",
+                (mid,),
+            ).fetchall()
+            flags: dict[int, list[str]] = {}
+            for mid_, flag in c.execute(
+                "SELECT f.message_id, f.flag FROM flags f JOIN messages m ON m.id = f.message_id "
+                "WHERE m.mailbox_id = ? ORDER BY f.flag",
+                (mid,),
+            ):
+                flags.setdefault(mid_, []).append(flag)
+            return [
+                MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), tuple(flags.get(r[0], ())))
+                for r in rows
+            ]
+
+        return await self._db().read(q)
+
+    def read_message_sync(self, msg: MessageInfo) -> bytes:
+        return msg.prefix + self._store().get_sync(msg.blob_key)
+
+    async def read_message(self, msg: MessageInfo) -> bytes:
+        return await asyncio.to_thread(self.read_message_sync, msg)
+
+    # -- garbage -------------------------------------------------------------------------------------------
+
+    async def collect_garbage(self, orphans: bool = True) -> int:
+        """Delete blobs nothing refers to: rows with refs = 0 (after a removal or a crash), and,
+        with `orphans`, files without a row older than ORPHAN_MIN_AGE (a crash between the blob
+        rename and the index commit). Returns how many blobs went."""
+        db, store = self._db(), self._store()
+        try:
+            dead = await db.write(_dead_blobs)
+            if dead:
+                await store.delete(dead)
+                dk = list(dead)
+                await db.write(lambda c: c.executemany(
+                    "DELETE FROM blobs WHERE key = ? AND refs <= 0", [(k,) for k in dk]))
+            n = len(dead)
+            if orphans:
+                n += await asyncio.to_thread(self._sweep_orphans_sync)
+            return n
+        except Exception as e:
+            self.log.error("blob garbage collection failed", err=e)
+            return 0
+
+    def _sweep_orphans_sync(self) -> int:
+        db, store = self._db(), self._store()
+        cutoff = time.time() - ORPHAN_MIN_AGE
+        old: list[str] = []
+        for key in store.iter_keys():
+            try:
+                if os.path.getmtime(store.path(key)) < cutoff:
+                    old.append(key)
+            except (OSError, ValueError):
+                continue
+        if not old:
+            return 0
+
+        def known(c: sqlite3.Connection) -> set[str]:
+            out: set[str] = set()
+            for i in range(0, len(old), 500):
+                part = old[i : i + 500]
+                marks = ",".join("?" * len(part))
+                out.update(r[0] for r in c.execute(f"SELECT key FROM blobs WHERE key IN ({marks})", part))
+            return out
+
+        have = db.read_sync(known)
+        gone = [k for k in old if k not in have]
+        store.delete_sync(gone)
+        if gone:
+            self.log.msg("removed orphaned message blobs", count=len(gone))
+        return len(gone)
+
+    # -- delivery ------------------------------------------------------------------------------------------
+
+    async def start_delivery(self, meta: MsgMeta, mail_from: str) -> Delivery:
+        return IMAPSQLDelivery(self, meta, mail_from)
+
+    async def resolve_recipient(self, rcpt: str) -> Account:
+        """maddy's deliveryNormalize + GetUser: the account for a recipient, or 501 5.1.1."""
+        try:
+            name = self._delivery_norm(rcpt)
+        except NormalizeError as e:
+            raise user_does_not_exist(str(e)) from None
+        if self.delivery_map is not None:
+            try:
+                mapped = await self.delivery_map.lookup(name)
+            except Exception as e:
+                raise user_does_not_exist(str(e)) from None
+            if mapped is None:
+                raise user_does_not_exist()
+            name = mapped
+        key = account_key(name)
+        try:
+            acct = await self._db().read(lambda c: _get_account(c, key))
+        except Exception as e:
+            raise _storage_smtp_error(e) from None
+        if acct is None:
+            raise user_does_not_exist()
+        return acct
+
+
+@dataclass
+class _Rcpt:
+    rcpt_to: str
+    account: Account
+
+
+@dataclass
+class _Body:
+    key: str
+    size: int
+    written: bool = False
+
+
+class IMAPSQLDelivery(PartialDelivery):
+    def __init__(self, store: IMAPSQL, meta: MsgMeta, mail_from: str) -> None:
+        self.store = store
+        self.meta = meta
+        self.mail_from = mail_from
+        self.rcpts: dict[str, _Rcpt] = {}
+        self.blob: _Body | None = None
+        self._expecting = False
+        self._done = False
+
+    async def add_rcpt(self, rcpt: str) -> None:
+        acct = await self.store.resolve_recipient(rcpt)
+        if acct.name in self.rcpts:
+            return
+        self.rcpts[acct.name] = _Rcpt(rcpt, acct)
+
+    async def body(self, header: Header, body: Body) -> None:
+        if self.blob is not None:
+            raise RuntimeError("imapsql: body() called twice")
+        if not self.rcpts:
+            return
+        store = self.store
+        db, blobs = store._db(), store._store()
+        # HOOK (imap_filter): run the filters per recipient here unless quarantined.
+        sender = self.mail_from.replace("\r", "").replace("\n", "")
+        head = b"Return-Path: <" + sender.encode("utf-8") + b">\r\n" + header.to_bytes() + b"\r\n"
+        key = new_key()
+        db.expect()
+        self._expecting = True
+        try:
+            size = await asyncio.to_thread(_write_blob, blobs, key, head, body)
+        except BaseException as e:
+            self._unexpect()
+            raise _storage_smtp_error(e) from None
+        self.blob = _Body(key, size, written=True)
+
+    async def body_non_atomic(self, status: StatusCallback, header: Header, body: Body) -> None:
+        try:
+            await self.body(header, body)
+        except SMTPError as e:
+            for r in self.rcpts.values():
+                status(r.rcpt_to, e)
+            return
+        for r in self.rcpts.values():
+            status(r.rcpt_to, None)
+
+    def _unexpect(self) -> None:
+        if self._expecting:
+            self._expecting = False
+            self.store._db().unexpect()
+
+    async def commit(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.blob is None or not self.rcpts:
+            self._unexpect()
+            return
+        store = self.store
+        db, blobs = store._db(), store._store()
+        blob = self.blob
+        targets = [(name, r.account.id) for name, r in self.rcpts.items()]
+        quarantine = self.meta.quarantine
+        junk = store.junk_mailbox
+        recent = 0 if store.disable_recent else 1
+
+        blob_path = blobs.path(blob.key)
+
+        def job(c: sqlite3.Connection) -> list[Update]:
+            # Never index a blob that is not there (e.g. swept by a concurrent garbage collection).
+            if not os.path.exists(blob_path):
+                raise StorageError(f"imapsql: message blob {blob.key} vanished before commit")
+            ts = now()
+            c.execute("INSERT INTO blobs (key, size, refs) VALUES (?, ?, 0)", (blob.key, blob.size))
+            updates: list[Update] = []
+            for name, account_id in targets:
+                if quarantine:
+                    mbox_id, mbox = _junk_mailbox(c, account_id, junk)
+                else:
+                    mbox_id, mbox = _mailbox_id(c, account_id, INBOX) or 0, INBOX
+                if not mbox_id:
+                    continue  # the account went away since RCPT
+                uid, modseq = _next_uid(c, mbox_id)
+                prefix = b"Delivered-To: " + name.encode("utf-8") + b"\r\n"
+                c.execute(
+                    "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mbox_id, uid, modseq, ts, blob.size + len(prefix), blob.key, prefix, recent),
+                )
+                c.execute("UPDATE blobs SET refs = refs + 1 WHERE key = ?", (blob.key,))
+                updates.append(Update("message", name, mbox, uid))
+            if not updates:
+                c.execute("DELETE FROM blobs WHERE key = ?", (blob.key,))
+            return updates
+
+        self._expecting = False
+        try:
+            updates = await db.write(job, sync=(blobs,), expected=True)
+        except BaseException as e:
+            raise _storage_smtp_error(e) from None
+        if not updates:
+            with contextlib.suppress(OSError, ValueError):
+                await blobs.delete([blob.key])
+        store.publish(updates)
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._unexpect()
+        blob, self.blob = self.blob, None
+        if blob is not None and blob.written and self.store.blobs is not None:
+            with contextlib.suppress(OSError, ValueError, NoSuchBlob):
+                await self.store.blobs.delete([blob.key])
+
+
+def _write_blob(blobs: FSBlobStore, key: str, head: bytes, body: Body) -> int:
+    w: BlobWriter = blobs.create()
+    try:
+        w.write(head)
+        with body.open() as f:
+            while chunk := f.read(CHUNK):
+                w.write(chunk)
+        # The directory fsync is left to the group commit (one per batch).
+        w.commit(key, sync_dir=False)
+    except BaseException:
+        w.abort()
+        raise
+    return w.size

@@ -1,0 +1,275 @@
+"""SQLite access for imapsql: one writer thread with group commit, a pool of readers.
+
+Writes are jobs — functions of a connection — queued to a single writer
+thread. The writer takes every job waiting, runs each inside its own
+SAVEPOINT (one failing job does not spoil the others) and commits them all in
+one transaction: one WAL fsync (`synchronous=FULL`) for the whole batch.
+Before the transaction it fsyncs the blob directories the jobs depend on, once
+per batch, so no committed row can point at a blob a crash could lose.
+
+While deliveries are on their way to commit (`expect()`ed but not yet
+submitted) the writer waits up to `group_window` for them, so concurrent
+senders share transactions; a lone sender never waits.
+
+Reads run on a small thread pool, each thread with its own connection; WAL lets
+them proceed while the writer commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from pymaddy.storage.sqlschema import migrate
+
+T = TypeVar("T")
+
+DEFAULT_GROUP_WINDOW = 0.003  # seconds the writer waits for expected commits
+MAX_BATCH = 512
+READERS = 4
+
+
+class DirSync(Protocol):
+    def sync_dir(self) -> None: ...
+
+
+@dataclass
+class Stats:
+    """Instrumentation: what the writer did."""
+
+    transactions: int = 0  # COMMITs of batches
+    jobs: int = 0  # jobs run (committed or failed)
+    failed_jobs: int = 0
+    max_batch: int = 0
+    dir_syncs: int = 0
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: Future[Any]
+    sync: tuple[DirSync, ...] = ()
+    after: list[Callable[[], None]] = field(default_factory=list)
+
+
+class DatabaseClosed(Exception):
+    pass
+
+
+def connect(path: str, busy_timeout_ms: int, cache_size: int, readonly: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = FULL")
+    if cache_size:
+        conn.execute(f"PRAGMA cache_size = {int(cache_size)}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+class SQLiteDB:
+    def __init__(
+        self,
+        path: str,
+        busy_timeout_ms: int = 5000,
+        cache_size: int = 0,
+        group_window: float = DEFAULT_GROUP_WINDOW,
+    ) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self.cache_size = cache_size
+        self.group_window = group_window
+        self.stats = Stats()
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._expected = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._rconns: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._rlock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def open(self) -> tuple[int, int]:
+        """Open (creating if needed), set WAL and migrate; blocking. Returns (old, new) schema version."""
+        conn = connect(self.path, self.busy_timeout_ms, self.cache_size)
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
+            # A new database gets incremental auto-vacuum; set before the first table exists.
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 4000")
+            versions = migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn = conn
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="imapsql-read")
+        self._thread = threading.Thread(target=self._writer, name="imapsql-writer", daemon=True)
+        self._thread.start()
+        return versions
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued jobs, stop the writer, close every connection; blocking."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+        with self._rlock:
+            conns, self._rconns = self._rconns, []
+        for c in conns:
+            with contextlib.suppress(sqlite3.Error):
+                c.close()
+        if self._wconn is not None and (self._thread is None or not self._thread.is_alive()):
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute("PRAGMA optimize")
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.close()
+            self._wconn = None
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def expect(self) -> None:
+        """A commit will follow soon (a delivery is writing its body): batch with it."""
+        with self._cond:
+            self._expected += 1
+
+    def unexpect(self) -> None:
+        with self._cond:
+            self._expected = max(0, self._expected - 1)
+            self._cond.notify_all()
+
+    def submit(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        sync: tuple[DirSync, ...] = (),
+        expected: bool = False,
+    ) -> Future[T]:
+        """Queue a write job; with `expected`, it is the commit an earlier expect() announced."""
+        fut: Future[T] = Future()
+        with self._cond:
+            if expected:
+                self._expected = max(0, self._expected - 1)
+            if self._closing or self._thread is None:
+                fut.set_exception(DatabaseClosed("imapsql: database is closed"))
+                return fut
+            self._queue.append(_Job(fn, fut, sync))
+            self._cond.notify_all()
+        return fut
+
+    async def write(
+        self, fn: Callable[[sqlite3.Connection], T], sync: tuple[DirSync, ...] = (), expected: bool = False
+    ) -> T:
+        return await asyncio.wrap_future(self.submit(fn, sync, expected))
+
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.group_window
+            # Commits announced by expect() are on their way: wait a moment for them.
+            while self._expected > 0 and len(self._queue) < MAX_BATCH and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[_Job] = []
+            while self._queue and len(batch) < MAX_BATCH:
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _writer(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        # A job whose caller gave up before it started is dropped; once running it cannot be cancelled.
+        batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            synced: set[int] = set()
+            for job in batch:
+                for s in job.sync:
+                    if id(s) not in synced:
+                        synced.add(id(s))
+                        s.sync_dir()
+                        self.stats.dir_syncs += 1
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for job in batch:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        res = job.fn(conn)
+                    except BaseException as e:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        results.append((job, None, e))
+                    else:
+                        conn.execute("RELEASE job")
+                        results.append((job, res, None))
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as e:
+            self.stats.failed_jobs += len(batch)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        self.stats.transactions += 1
+        self.stats.jobs += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        for job, res, err in results:
+            if err is not None:
+                self.stats.failed_jobs += 1
+                job.future.set_exception(err)
+            else:
+                job.future.set_result(res)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, self.busy_timeout_ms, self.cache_size, readonly=True)
+            self._local.conn = conn
+            with self._rlock:
+                self._rconns.append(conn)
+        return conn
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return fn(self._reader_conn())
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers is None:
+            raise DatabaseClosed("imapsql: database is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self.read_sync, fn)
