@@ -47,7 +47,7 @@ def _globals(p: argparse.ArgumentParser, suppress: bool) -> None:
 #   register(sub: argparse._SubParsersAction, add_globals: Callable[[ArgumentParser], None]) -> None
 # and its parsers set `func=run(ns, config_path) -> int` as a default. A module
 # that does not exist yet is simply not offered.
-COMMAND_MODULES = ("pymaddy.cli.creds", "pymaddy.cli.hash", "pymaddy.cli.imap_acct")
+COMMAND_MODULES = ("pymaddy.cli.creds", "pymaddy.cli.hash", "pymaddy.cli.imap_acct", "pymaddy.cli.dev")
 
 
 def _add_globals(p: argparse.ArgumentParser) -> None:

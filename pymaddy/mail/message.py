@@ -7,6 +7,7 @@ spool file, so a 100 MB message never sits whole in memory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -145,7 +146,7 @@ class Body:
         """A fresh reader from the start; several may be open at once."""
         if self._data is not None:
             return io.BytesIO(self._data)
-        return open(self.path or "", "rb")  # noqa: SIM115 - the caller closes it
+        return open(self.path or "", "rb")
 
     def read_all(self) -> bytes:
         """Only for small bodies and tests: streams are the normal way."""
@@ -155,8 +156,6 @@ class Body:
     def discard(self) -> None:
         """Remove the spool file, if any."""
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             self.path = None

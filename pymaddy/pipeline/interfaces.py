@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, Header, MsgMeta
 
-
 # -- delivery -------------------------------------------------------------------
 
 
@@ -84,7 +83,7 @@ class CheckResult:
 OK = CheckResult()
 
 
-class CheckState(ABC):
+class CheckState:
     """Per-message state of one check; each stage may be called once (rcpt: once per recipient)."""
 
     async def check_connection(self) -> CheckResult:
@@ -118,7 +117,7 @@ class EarlyCheck(ABC):
 # -- modifiers ---------------------------------------------------------------------
 
 
-class ModifierState(ABC):
+class ModifierState:
     async def rewrite_sender(self, mail_from: str) -> str:
         return mail_from
 

@@ -414,6 +414,40 @@ LAZY_STDLIB = (
 WATCHER_MODULES = ("watchfiles", "anyio", "anyio._backends._asyncio", "anyio.to_thread", "anyio.lowlevel")
 
 
+# Packages imported whole (every submodule) before the drop: pymaddy itself and what it
+# imports lazily, down to the standard library's own lazy imports (codecs, email).
+PRELOAD_TREES = (
+    "pymaddy", "cryptography", "precis_i18n", "argon2", "bcrypt", "lark", "email", "encodings",
+    "concurrent", "json", "sqlite3", "http", "urllib", "asyncio", "importlib",
+)
+
+
+def preload_trees(packages: Iterable[str]) -> list[tuple[str, str]]:
+    """Import each package and all of its submodules; (module, error) for failures."""
+    import pkgutil
+
+    failed: list[tuple[str, str]] = []
+    for name in packages:
+        try:
+            pkg = importlib.import_module(name)
+        except Exception as e:
+            failed.append((name, f"{type(e).__name__}: {e}"))
+            continue
+        path = getattr(pkg, "__path__", None)
+        if path is None:
+            continue
+        for info in pkgutil.walk_packages(path, prefix=name + ".", onerror=lambda n: None):
+            if ".tests" in info.name or info.name.endswith(("__main__", ".test")) or "._test" in info.name:
+                continue
+            try:
+                importlib.import_module(info.name)
+            except BaseException as e:  # optional platform modules may fail in any way
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failed.append((info.name, f"{type(e).__name__}: {e}"))
+    return failed
+
+
 def preload(modules: Iterable[str]) -> list[tuple[str, str]]:
     """Import `modules` now (while root can read every file); (module, error) for failures,
     which are left for the code that imports them later to report."""

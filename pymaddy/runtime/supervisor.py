@@ -448,7 +448,9 @@ class Supervisor:
         # installation may live where the target user cannot look, e.g. under /root).
         runtimes = [s.runtime.partition(":")[0] for s in registry().values() if s.runtime]
         watch = privileges.WATCHER_MODULES if os.environ.get("PYMADDY_WATCH_CONFIG", "1") != "0" else ()
-        for name, err in privileges.preload([*privileges.LAZY_STDLIB, *runtimes, *watch]):
+        failures = privileges.preload([*privileges.LAZY_STDLIB, *runtimes, *watch])
+        failures += privileges.preload_trees(privileges.PRELOAD_TREES)
+        for name, err in failures:
             self.log.debug("could not preload module", module=name, reason=err)
         import_paths = [p for p in sys.path if p and os.path.exists(p)]
         try:
