@@ -31,6 +31,7 @@ from pymaddy.config.schema import (
     StringList,
     roles,
 )
+from pymaddy.config.values import NORMALIZERS
 from pymaddy.tables.schema import (
     INLINE_ARGS_DIRECTIVE,
     TABLE_REF,
@@ -450,7 +451,6 @@ COMMAND = ModuleSchema(
 
 # -- check.authorize_sender ---------------------------------------------------------------------
 
-NORMALIZERS = ("auto", "precis_casefold_email", "precis_casefold", "precis_email", "precis", "casefold", "noop")
 
 
 AUTHORIZE_SENDER = ModuleSchema(

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import tempfile
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
 
@@ -121,24 +120,15 @@ def _load_class(spec: str) -> type[Module]:
 
 
 def _init_dirs(graph: Graph, libexec: str) -> None:
-    """As the supervisor's init_dirs (create 0700, write-test, chdir into state_dir), but with a
-    per-process test file: several management commands may start at the same moment."""
+    """The supervisor's directory set-up (create 0700, write-test, chdir into state_dir), then
+    libexec on PATH; errors become BlockError."""
+    from pymaddy.runtime.supervisor import StartFailure, init_dirs
+
     state_dir, runtime_dir = str(graph.globals["state_dir"]), str(graph.globals["runtime_dir"])
-    for path, what in ((state_dir, "statedir"), (runtime_dir, "runtimedir"), (libexec, "-libexec")):
-        if not os.path.isabs(path):
-            raise BlockError(f"{what} should be absolute")
-    for path, what in ((state_dir, "state_dir"), (runtime_dir, "runtime_dir")):
-        try:
-            os.makedirs(path, 0o700, exist_ok=True)
-            fd, test = tempfile.mkstemp(prefix="writeable-test-", dir=path)
-            os.close(fd)
-            os.unlink(test)
-        except OSError as e:
-            raise BlockError(f"{what} {path} is not a writable directory: {e.strerror or e}") from None
     try:
-        os.chdir(state_dir)
-    except OSError as e:
-        raise BlockError(f"chdir {state_dir}: {e.strerror or e}") from None
+        init_dirs(state_dir, runtime_dir, libexec)
+    except StartFailure as e:
+        raise BlockError("; ".join(e.lines)) from None
     path = os.environ.get("PATH", "")
     if not path.startswith(libexec + os.pathsep):
         os.environ["PATH"] = libexec + os.pathsep + path

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import Bool, Ctx, Custom, Directive, Domain, Enum, ModuleRef, String, StringList
+from pymaddy.config.values import NORMALIZERS
 from pymaddy.tls.schema import TLS_CLIENT, TLS_SERVER
-
-NORMALIZERS = ("auto", "precis_casefold_email", "precis_casefold", "precis_email", "precis", "casefold", "noop")
 
 DEFAULT_CONFIG = "/etc/maddy/maddy.conf"
 DEFAULT_STATE_DIR = "/var/lib/maddy"

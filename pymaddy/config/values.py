@@ -10,6 +10,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+# Username/address normalization functions a config may name (spec §C).
+NORMALIZERS = ("auto", "precis_casefold_email", "precis_casefold", "precis_email", "precis", "casefold", "noop")
+
 TRUE_WORDS = frozenset({"1", "true", "on", "yes"})
 FALSE_WORDS = frozenset({"0", "false", "off", "no"})
 

@@ -29,10 +29,8 @@ from pymaddy.config.schema import (
     parse_endpoint_at,
     roles,
 )
-from pymaddy.config.values import Endpoint, parse_data_size
+from pymaddy.config.values import NORMALIZERS, Endpoint, parse_data_size
 from pymaddy.tls.schema import TLS_SERVER
-
-NORMALIZERS = ("auto", "precis_casefold_email", "precis_casefold", "precis_email", "precis", "casefold", "noop")
 
 
 def listen_addresses(node: Node, ctx: Ctx) -> list[Endpoint]:

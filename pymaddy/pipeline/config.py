@@ -9,8 +9,9 @@ When a level has no selection rules, the level itself is the default block, so
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
@@ -60,130 +61,130 @@ class Pipeline:
     dmarc: bool = False
 
 
-class _Fail(Exception):
-    """A pipeline error already recorded; abandons the current block only."""
-
-
 def parse_pipeline(node: Node, ctx: Ctx) -> Pipeline:
     """A pipeline written as a block: `msgpipeline x { … }`, `reroute { … }`, `bounce { … }`."""
     return parse_pipeline_nodes(node, list(node.children or []), ctx)
 
 
+@dataclass(frozen=True)
+class _Level:
+    """What differs between the root level (sources) and a source block (destinations)."""
+
+    kind: str  # source | destination
+    table_directive: str  # source_in | destination_in
+    default_directive: str  # default_source | default_destination
+    attrs: tuple[str, str, str]  # the block's (tables list, per-rule dict, default) attributes
+    handling: tuple[str, ...]  # directives that, without rules, form the implied default block
+    no_rules: str
+    mixed: str
+    missing_default: str
+    empty: str
+
+
+_ROOT = _Level(
+    "source",
+    "source_in",
+    "default_source",
+    ("source_in", "per_source", "default_source"),
+    ("deliver_to", "reroute", "destination_in", "destination", "default_destination", "reject"),
+    "expected at least one source matching rule",
+    "can't put handling directives together with source rules, did you mean to put it into "
+    "'default_source' block or into all source blocks?",
+    "missing or empty default source block, use default_source { reject } to reject messages",
+    "empty pipeline configuration, use 'reject' to reject messages",
+)
+_SOURCE = _Level(
+    "destination",
+    "destination_in",
+    "default_destination",
+    ("rcpt_in", "per_rcpt", "default_rcpt"),
+    ("deliver_to", "reroute", "reject"),
+    "expected at least one destination match rule",  # sic: maddy words the two differently
+    "can't put handling directives together with destination rules, did you mean to put it into "
+    "'default' block or into all recipient blocks?",
+    "missing or empty default destination block, use default_destination { reject } to reject messages",
+    "empty source block, use 'reject' to reject messages",
+)
+
+
 def parse_pipeline_nodes(owner: Node, nodes: list[Node], ctx: Ctx) -> Pipeline:
     pipe = Pipeline(owner)
-    default_src: list[Node] | None = None
-    others: list[Node] = []
+    rest = []
     for n in nodes:
-        try:
-            if n.name == "check":
-                pipe.checks.extend(_group(n, ctx, "checks", "checks_group"))
-            elif n.name == "modify":
-                pipe.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
-            elif n.name == "source_in":
-                table = _inline_table(n, ctx)
-                block = _source(n, list(n.children or []), ctx)
-                if table is not None:
-                    pipe.source_in.append((table, block))
-            elif n.name == "source":
-                block = _source(n, list(n.children or []), ctx)
-                if not n.args:
-                    ctx.errors.at(n, "expected at least one source matching rule")
-                for rule in _rules(n, ctx, "source"):
-                    # The first block naming a rule wins; later duplicates are ignored.
-                    pipe.per_source.setdefault(rule, block)
-            elif n.name == "default_source":
-                if default_src is not None:
-                    ctx.errors.at(n, "duplicate 'default_source' block")
-                    continue
-                default_src = list(n.children or [])
-            elif n.name == "dmarc":
+        if n.name == "dmarc":  # root level only
+            try:
                 pipe.dmarc = _dmarc(n, ctx)
-            elif n.name in ("deliver_to", "reroute", "destination_in", "destination", "default_destination", "reject"):
-                others.append(n)
-            else:
-                ctx.errors.at(n, f"unknown pipeline directive: {n.name}")
-        except ConfigError as e:
-            ctx.errors.add(e)
-        except _Fail:
-            pass
-
-    if not pipe.per_source and not default_src:
-        if not others:
-            ctx.errors.at(owner, "empty pipeline configuration, use 'reject' to reject messages")
-            return pipe
-        pipe.default_source = _source(owner, others, ctx)
-        return pipe
-    if others:
-        ctx.errors.at(
-            others[0],
-            "can't put handling directives together with source rules, did you mean to put it into "
-            "'default_source' block or into all source blocks?",
-        )
-    if not default_src:
-        ctx.errors.at(
-            nodes[0] if nodes else owner,
-            "missing or empty default source block, use default_source { reject } to reject messages",
-        )
-        return pipe
-    pipe.default_source = _source(owner, default_src, ctx)
+            except ConfigError as e:
+                ctx.errors.add(e)
+        else:
+            rest.append(n)
+    _select(pipe, owner, rest, ctx, lv=_ROOT, sub=_source)
     return pipe
 
 
 def _source(owner: Node, nodes: list[Node], ctx: Ctx) -> SourceBlock:
     src = SourceBlock(owner)
-    default_rcpt: list[Node] | None = None
+    _select(src, owner, nodes, ctx, lv=_SOURCE, sub=_rcpt)
+    return src
+
+
+def _select(
+    block: Pipeline | SourceBlock,
+    owner: Node,
+    nodes: list[Node],
+    ctx: Ctx,
+    *,
+    lv: _Level,
+    sub: Callable[[Node, list[Node], Ctx], Any],
+) -> None:
+    """One selection level of §D.1: checks, modifiers, rule blocks, a default block, or the
+    handling directives themselves as the implied default."""
+    tables: list[tuple[ModuleInstance, Any]] = getattr(block, lv.attrs[0])
+    per_rule: dict[str, Any] = getattr(block, lv.attrs[1])
+    default_nodes: list[Node] | None = None
     others: list[Node] = []
     for n in nodes:
         try:
             if n.name == "check":
-                src.checks.extend(_group(n, ctx, "checks", "checks_group"))
+                block.checks.extend(_group(n, ctx, "checks", "checks_group"))
             elif n.name == "modify":
-                src.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
-            elif n.name == "destination_in":
+                block.modifiers.extend(_group(n, ctx, "modifiers", "modifiers_group"))
+            elif n.name == lv.table_directive:
                 table = _inline_table(n, ctx)
-                block = _rcpt(n, list(n.children or []), ctx)
+                inner = sub(n, list(n.children or []), ctx)
                 if table is not None:
-                    src.rcpt_in.append((table, block))
-            elif n.name == "destination":
-                block = _rcpt(n, list(n.children or []), ctx)
+                    tables.append((table, inner))
+            elif n.name == lv.kind:
+                inner = sub(n, list(n.children or []), ctx)
                 if not n.args:
-                    ctx.errors.at(n, "expected at least one destination match rule")
-                for rule in _rules(n, ctx, "destination"):
-                    src.per_rcpt.setdefault(rule, block)
-            elif n.name == "default_destination":
-                if default_rcpt is not None:
-                    ctx.errors.at(n, "duplicate 'default_destination' block")
+                    ctx.errors.at(n, lv.no_rules)
+                for rule in _rules(n, ctx, lv.kind):
+                    # The first block naming a rule wins; later duplicates are ignored.
+                    per_rule.setdefault(rule, inner)
+            elif n.name == lv.default_directive:
+                if default_nodes is not None:
+                    ctx.errors.at(n, f"duplicate '{lv.default_directive}' block")
                     continue
-                default_rcpt = list(n.children or [])
-            elif n.name in ("deliver_to", "reroute", "reject"):
+                default_nodes = list(n.children or [])
+            elif n.name in lv.handling:
                 others.append(n)
             else:
                 ctx.errors.at(n, f"unknown pipeline directive: {n.name}")
         except ConfigError as e:
             ctx.errors.add(e)
-        except _Fail:
-            pass
 
-    if not src.per_rcpt and not default_rcpt:
+    if not per_rule and not default_nodes:
         if not others:
-            ctx.errors.at(owner, "empty source block, use 'reject' to reject messages")
-            return src
-        src.default_rcpt = _rcpt(owner, others, ctx)
-        return src
+            ctx.errors.at(owner, lv.empty)
+            return
+        setattr(block, lv.attrs[2], sub(owner, others, ctx))
+        return
     if others:
-        ctx.errors.at(
-            others[0],
-            "can't put handling directives together with destination rules, did you mean to put it into "
-            "'default' block or into all recipient blocks?",
-        )
-    if not default_rcpt:
-        ctx.errors.at(
-            nodes[0] if nodes else owner,
-            "missing or empty default destination block, use default_destination { reject } to reject messages",
-        )
-        return src
-    src.default_rcpt = _rcpt(owner, default_rcpt, ctx)
-    return src
+        ctx.errors.at(others[0], lv.mixed)
+    if not default_nodes:
+        ctx.errors.at(nodes[0] if nodes else owner, lv.missing_default)
+        return
+    setattr(block, lv.attrs[2], sub(owner, default_nodes, ctx))
 
 
 def _rcpt(owner: Node, nodes: list[Node], ctx: Ctx) -> RcptBlock:

@@ -33,13 +33,12 @@ from pymaddy.config.schema import (
     StringList,
     roles,
 )
-from pymaddy.config.values import parse_int
+from pymaddy.config.values import NORMALIZERS, parse_int
 
 INLINE = "@inline"  # hidden directive carrying inline arguments; the parser never yields '@'
 LIBEXEC_DIR = "/usr/lib/maddy"  # maddy prepends it to $PATH at start-up
 
 # Same names as the global auth_map_normalize (spec §C); defined here to keep imports cheap.
-NORMALIZERS = ("auto", "precis_casefold_email", "precis_casefold", "precis_email", "precis", "casefold", "noop")
 # Drivers linked into maddy 0.9.4; `sqlite3` is mapped to the pure-Go `sqlite` driver.
 SQL_DRIVERS = ("sqlite", "postgres", "mysql")
 
