@@ -47,14 +47,34 @@ def _globals(p: argparse.ArgumentParser, suppress: bool) -> None:
 #   register(sub: argparse._SubParsersAction, add_globals: Callable[[ArgumentParser], None]) -> None
 # and its parsers set `func=run(ns, config_path) -> int` as a default. A module
 # that does not exist yet is simply not offered.
-COMMAND_MODULES = ("pymaddy.cli.creds", "pymaddy.cli.hash", "pymaddy.cli.imap_acct", "pymaddy.cli.dev")
+# Imported only when their command (or help) is asked for: check-config must start fast.
+COMMAND_MODULES = {
+    "creds": "pymaddy.cli.creds",
+    "hash": "pymaddy.cli.hash",
+    "imap-acct": "pymaddy.cli.imap_acct",
+    "dev": "pymaddy.cli.dev",
+}
+CORE_COMMANDS = frozenset({"run", "check-config", "verify-config", "version", "help"})
 
 
 def _add_globals(p: argparse.ArgumentParser) -> None:
     _globals(p, suppress=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command in argv, skipping global flags and their values (Go-style single dash too)."""
+    takes_value = {"-config", "--config", "-log", "--log", "-libexec", "--libexec", "-debug.smtpport",
+                   "--debug.smtpport", "-debug.dnsoverride", "--debug.dnsoverride"}
+    it = iter(argv)
+    for a in it:
+        if a in takes_value:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog="pymaddy", description="pymaddy: a composable all-in-one mail server (maddy-compatible)")
     _globals(p, suppress=False)
     p.add_argument("-v", dest="show_version", action="store_true", help=argparse.SUPPRESS)
@@ -74,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for modname in COMMAND_MODULES:
+    wanted = [] if command in CORE_COMMANDS else [COMMAND_MODULES[command]] if command in COMMAND_MODULES else None
+    for modname in COMMAND_MODULES.values() if wanted is None else wanted:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -103,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_word(argv))
     ns = parser.parse_args(argv)
     config = ns.config or os.environ.get("MADDY_CONFIG") or DEFAULT_CONFIG
     if ns.show_version:

@@ -354,9 +354,13 @@ class Session:
         if self.e.tls_ctx is None:
             await self.reply(502, (5, 5, 1), "TLS not supported")
             return
-        await self.reply(220, (2, 0, 0), "Ready to start TLS")
+        # Stop reading before the 220 goes out: a fast client sends its ClientHello the
+        # moment it sees the reply, and those bytes must reach TLS, not the plaintext
+        # buffer (where they would be thrown away below and the handshake would hang).
+        self.writer.transport.pause_reading()  # type: ignore[attr-defined]
         # Commands pipelined after STARTTLS in plaintext must not survive the upgrade.
         self.reader._buffer.clear()  # type: ignore[attr-defined]
+        await self.reply(220, (2, 0, 0), "Ready to start TLS")
         try:
             await asyncio.wait_for(self._start_tls(self.e.tls_ctx), self.e.read_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as e:
