@@ -27,6 +27,7 @@ PORTS = (10025, 10587, 10465, 9749)
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -222,7 +222,7 @@ def test_normalizers_refuse(name: str, value: str) -> None:
 
 
 def test_every_configurable_normalizer_exists() -> None:
-    from pymaddy.checks.schema import NORMALIZERS
+    from pymaddy.config.values import NORMALIZERS
 
     assert set(NORMALIZERS) == set(normalize.NORMALIZERS)
     with pytest.raises(normalize.NormalizeError):
