@@ -2,9 +2,11 @@
 
 One file per blob, named by its key. Writes are crash-safe: the data goes to
 a temporary file in the same directory, is fsynced, then renamed to its key;
-the directory itself is fsynced by `sync_dir()`, which callers batch (the
-imapsql writer fsyncs the directory once per group commit, before the index
-transaction that makes the blobs visible).
+the directory itself is fsynced by `sync_dir()`, which callers batch. The
+imapsql writer defers both: `commit(key, fsync=False, sync_dir=False)` in the
+delivery, then, on the writer thread, `fsync_blob(key)` for every blob of a
+group commit and one `sync_dir()`, before the index transaction that makes the
+blobs visible.
 
 The methods without `async` block and are meant for worker threads; the async
 ones run them off the event loop.
@@ -60,15 +62,18 @@ class BlobWriter:
         self._f.write(data)
         self.size += len(data)
 
-    def commit(self, key: str, sync_dir: bool = True) -> None:
+    def commit(self, key: str, sync_dir: bool = True, fsync: bool = True) -> None:
         """fsync the data and rename it to `key`. Without sync_dir the rename is
-        durable only after the next `store.sync_dir()`."""
+        durable only after the next `store.sync_dir()`; without fsync the data is
+        durable only after `store.fsync_blob(key)` (the caller must not make the
+        blob reachable before both)."""
         check_key(key)
         f, self._f = self._f, None
         assert f is not None, "blob already finished"
         try:
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         finally:
             f.close()
         try:
@@ -96,6 +101,7 @@ class FSBlobStore(Module):
         root = str(self.settings.get("root") or "")
         self.root = os.path.join(ctx.state_dir, root) if ctx.state_dir else os.path.abspath(root)
         self.fsyncs_dir = 0  # instrumentation: directory fsyncs done
+        self.fsyncs_file = 0  # instrumentation: deferred blob fsyncs done (fsync_blob)
 
     def log_name(self) -> str:
         return "storage.blob.fs"
@@ -168,6 +174,18 @@ class FSBlobStore(Module):
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(key))
+
+    def fsync_blob(self, key: str) -> None:
+        """fsync a blob's data (written with `commit(key, fsync=False)`); NoSuchBlob if it is gone."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NoSuchBlob(key) from None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.fsyncs_file += 1
 
     def sync_dir(self) -> None:
         """fsync the directory: makes earlier renames and unlinks durable."""

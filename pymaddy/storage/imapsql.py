@@ -8,14 +8,17 @@ Delivery (maddy's internal/storage/imapsql/delivery.go, go-imap-sql Delivery):
 * add_rcpt: normalize (`delivery_normalize`) → `delivery_map` (if set) → account
   (lower-cased like go-imap-sql); unknown ⇒ `501 5.1.1 User does not exist`; an
   account already added is accepted again and delivered once.
-* body: the message — `Return-Path: <sender>` on top — is written once to a new
-  blob (temporary file, fsync, rename); every copy gets its own
-  `Delivered-To: <account>` prefix stored in its index row. Quarantined mail goes
+* body: the message — `Return-Path: <sender>` on top — is stored once: up to
+  INLINE_MAX bytes it is kept in memory and goes into the index itself
+  (`blobs.data`) at commit; larger, it is written to a new blob file (temporary
+  file, rename, no fsync yet). Every copy gets its own `Delivered-To: <account>`
+  prefix stored in its index row. Quarantined mail goes
   to the account's `\\Junk` mailbox, created as `junk_mailbox` when missing.
 * commit: the index rows are written by the group-committing writer
-  (pymaddy/storage/sqlitedb.py): the blob directory is fsynced, then the rows
-  are committed with `synchronous=FULL`, shared with every other commit of
-  the same moment. When commit() returns, the message is on disk.
+  (pymaddy/storage/sqlitedb.py): the blob files of the batch are fsynced and the
+  blob directory once, then the rows (and inline bodies) are committed with
+  `synchronous=FULL`, shared with every other commit of the same moment. When
+  commit() returns, the message is on disk.
 
 `appendlimit` is an IMAP APPEND limit only; SMTP delivery ignores it.
 """
@@ -54,6 +57,11 @@ SPECIAL_USE = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent"
 DEFAULT_SPECIAL = (("\\Sent", "Sent"), ("\\Trash", "Trash"), ("\\Junk", "Junk"), ("\\Drafts", "Drafts"),
                    ("\\Archive", "Archive"))
 CHUNK = 256 * 1024
+# Messages (Return-Path + header + body) up to this size are stored in the index (blobs.data), inside
+# the group-commit transaction, so they cost only their batch's one WAL sync; larger ones go to the
+# blob store, their file fsyncs batched before the same COMMIT.
+INLINE_MAX_DEFAULT = 64 * 1024
+INLINE_MAX = INLINE_MAX_DEFAULT
 ORPHAN_MIN_AGE = 3600.0  # blob files without a row are swept only when older than this
 MAINTENANCE_INTERVAL = 5 * 3600.0  # maddy/go-imap-sql run `PRAGMA optimize` every 5 hours
 
@@ -244,7 +252,18 @@ def _optimize(conn: sqlite3.Connection) -> None:
 
 
 def _dead_blobs(conn: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in conn.execute("SELECT key FROM blobs WHERE refs <= 0").fetchall()]
+    """Drop unreferenced inline blobs; return the unreferenced ones kept in the blob store (their rows
+    go once the files are deleted)."""
+    conn.execute("DELETE FROM blobs WHERE refs <= 0 AND data IS NOT NULL")
+    return [r[0] for r in conn.execute("SELECT key FROM blobs WHERE refs <= 0 AND data IS NULL").fetchall()]
+
+
+def _blob_content(conn: sqlite3.Connection, store: FSBlobStore, key: str) -> bytes:
+    """A blob's bytes: from the index when stored inline (blobs.data), else from the blob store."""
+    r = conn.execute("SELECT data FROM blobs WHERE key = ?", (key,)).fetchone()
+    if r is not None and r[0] is not None:
+        return bytes(r[0])
+    return store.get_sync(key)
 
 
 # -- the module -----------------------------------------------------------------------------------
@@ -517,11 +536,20 @@ class IMAPSQL(Module, DeliveryTarget, Table):
 
         return await self._db().read(q)
 
+    def _read_message_fn(self, msg: MessageInfo) -> Callable[[sqlite3.Connection], bytes]:
+        store = self._store()
+
+        def q(c: sqlite3.Connection) -> bytes:
+            return msg.prefix + _blob_content(c, store, msg.blob_key)
+
+        return q
+
     def read_message_sync(self, msg: MessageInfo) -> bytes:
-        return msg.prefix + self._store().get_sync(msg.blob_key)
+        """The full message (prefix + body), whether the body is inline in the index or a blob file."""
+        return self._db().read_sync(self._read_message_fn(msg))
 
     async def read_message(self, msg: MessageInfo) -> bytes:
-        return await asyncio.to_thread(self.read_message_sync, msg)
+        return await self._db().read(self._read_message_fn(msg))
 
     # -- garbage -------------------------------------------------------------------------------------------
 
@@ -612,7 +640,8 @@ class _Rcpt:
 class _Body:
     key: str
     size: int
-    written: bool = False
+    written: bool = False  # a blob file exists (not yet fsynced: the commit's batch does that)
+    data: bytes | None = None  # inline body, stored in the index at commit
 
 
 class IMAPSQLDelivery(PartialDelivery):
@@ -645,6 +674,10 @@ class IMAPSQLDelivery(PartialDelivery):
         db.expect()
         self._expecting = True
         try:
+            if len(head) + body.size <= INLINE_MAX:
+                data = head + await asyncio.to_thread(body.read_all)
+                self.blob = _Body(key, len(data), data=data)
+                return
             size = await asyncio.to_thread(_write_blob, blobs, key, head, body)
         except BaseException as e:
             self._unexpect()
@@ -681,14 +714,16 @@ class IMAPSQLDelivery(PartialDelivery):
         junk = store.junk_mailbox
         recent = 0 if store.disable_recent else 1
 
-        blob_path = blobs.path(blob.key)
+        inline = blob.data is not None
+        blob_path = "" if inline else blobs.path(blob.key)
 
         def job(c: sqlite3.Connection) -> list[Update]:
             # Never index a blob that is not there (e.g. swept by a concurrent garbage collection).
-            if not os.path.exists(blob_path):
+            if not inline and not os.path.exists(blob_path):
                 raise StorageError(f"imapsql: message blob {blob.key} vanished before commit")
             ts = now()
-            c.execute("INSERT INTO blobs (key, size, refs) VALUES (?, ?, 0)", (blob.key, blob.size))
+            c.execute("INSERT INTO blobs (key, size, refs, data) VALUES (?, ?, 0, ?)",
+                      (blob.key, blob.size, blob.data))
             updates: list[Update] = []
             for name, account_id in targets:
                 if quarantine:
@@ -711,11 +746,22 @@ class IMAPSQLDelivery(PartialDelivery):
             return updates
 
         self._expecting = False
+        key = blob.key
+
+        def fsync_blob() -> None:
+            try:
+                blobs.fsync_blob(key)
+            except NoSuchBlob:
+                raise StorageError(f"imapsql: message blob {key} vanished before commit") from None
+
         try:
-            updates = await db.write(job, sync=(blobs,), expected=True)
+            if inline:
+                updates = await db.write(job, expected=True)
+            else:
+                updates = await db.write(job, sync=(blobs,), expected=True, files=(fsync_blob,))
         except BaseException as e:
             raise _storage_smtp_error(e) from None
-        if not updates:
+        if not updates and not inline:
             with contextlib.suppress(OSError, ValueError):
                 await blobs.delete([blob.key])
         store.publish(updates)
@@ -738,8 +784,8 @@ def _write_blob(blobs: FSBlobStore, key: str, head: bytes, body: Body) -> int:
         with body.open() as f:
             while chunk := f.read(CHUNK):
                 w.write(chunk)
-        # The directory fsync is left to the group commit (one per batch).
-        w.commit(key, sync_dir=False)
+        # The file and directory fsyncs are left to the group commit (on the writer thread, per batch).
+        w.commit(key, sync_dir=False, fsync=False)
     except BaseException:
         w.abort()
         raise

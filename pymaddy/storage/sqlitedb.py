@@ -4,8 +4,10 @@ Writes are jobs — functions of a connection — queued to a single writer
 thread. The writer takes every job waiting, runs each inside its own
 SAVEPOINT (one failing job does not spoil the others) and commits them all in
 one transaction: one WAL fsync (`synchronous=FULL`) for the whole batch.
-Before the transaction it fsyncs the blob directories the jobs depend on, once
-per batch, so no committed row can point at a blob a crash could lose.
+Before the transaction it runs the jobs' file syncs (`files`: the fsync of each
+blob file written without one, back to back on this thread; a failing one fails
+only its job) and then fsyncs the blob directories the remaining jobs depend on,
+once per batch, so no committed row can point at a blob a crash could lose.
 
 While deliveries are on their way to commit (`expect()`ed but not yet
 submitted) the writer waits up to `group_window` for them, so concurrent
@@ -50,6 +52,7 @@ class Stats:
     failed_jobs: int = 0
     max_batch: int = 0
     dir_syncs: int = 0
+    file_syncs: int = 0
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: Future[Any]
     sync: tuple[DirSync, ...] = ()
+    files: tuple[Callable[[], None], ...] = ()
     after: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -161,8 +165,13 @@ class SQLiteDB:
         fn: Callable[[sqlite3.Connection], T],
         sync: tuple[DirSync, ...] = (),
         expected: bool = False,
+        files: tuple[Callable[[], None], ...] = (),
     ) -> Future[T]:
-        """Queue a write job; with `expected`, it is the commit an earlier expect() announced."""
+        """Queue a write job; with `expected`, it is the commit an earlier expect() announced.
+
+        Before the transaction that runs `fn`, the writer calls each of `files`
+        (fsyncs of data the job makes reachable; an exception fails the job) and
+        then `sync_dir()` of each of `sync`, once per batch."""
         fut: Future[T] = Future()
         with self._cond:
             if expected:
@@ -170,14 +179,18 @@ class SQLiteDB:
             if self._closing or self._thread is None:
                 fut.set_exception(DatabaseClosed("imapsql: database is closed"))
                 return fut
-            self._queue.append(_Job(fn, fut, sync))
+            self._queue.append(_Job(fn, fut, sync, files))
             self._cond.notify_all()
         return fut
 
     async def write(
-        self, fn: Callable[[sqlite3.Connection], T], sync: tuple[DirSync, ...] = (), expected: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        sync: tuple[DirSync, ...] = (),
+        expected: bool = False,
+        files: tuple[Callable[[], None], ...] = (),
     ) -> T:
-        return await asyncio.wrap_future(self.submit(fn, sync, expected))
+        return await asyncio.wrap_future(self.submit(fn, sync, expected, files))
 
     def _take_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -212,6 +225,21 @@ class SQLiteDB:
         if not batch:
             return
         results: list[tuple[_Job, Any, BaseException | None]] = []
+        # File syncs first, back to back; a job whose data cannot be made durable fails alone.
+        ready: list[_Job] = []
+        for job in batch:
+            try:
+                for f in job.files:
+                    f()
+                    self.stats.file_syncs += 1
+            except Exception as e:
+                self.stats.failed_jobs += 1
+                job.future.set_exception(e)
+            else:
+                ready.append(job)
+        batch = ready
+        if not batch:
+            return
         try:
             synced: set[int] = set()
             for job in batch:

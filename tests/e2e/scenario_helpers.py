@@ -163,14 +163,16 @@ class MailEnv:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
             rows = conn.execute(
-                "SELECT a.name, mb.name, m.uid, m.prefix, m.blob_key FROM messages m "
+                "SELECT a.name, mb.name, m.uid, m.prefix, m.blob_key, b.data FROM messages m "
                 "JOIN mailboxes mb ON mb.id = m.mailbox_id JOIN accounts a ON a.id = mb.account_id "
+                "JOIN blobs b ON b.key = m.blob_key "
                 "ORDER BY a.name, mb.name, m.uid"
             ).fetchall()
         finally:
             conn.close()
         blobs = self.state / "messages"
-        return [Stored(a, mb, uid, bytes(prefix) + (blobs / key).read_bytes()) for a, mb, uid, prefix, key in rows]
+        return [Stored(a, mb, uid, bytes(prefix) + (bytes(data) if data is not None else (blobs / key).read_bytes()))
+                for a, mb, uid, prefix, key, data in rows]
 
     def inbox(self, account: str) -> list[Stored]:
         return [s for s in self.stored() if s.account == account and s.mailbox == "INBOX"]

@@ -62,7 +62,17 @@ class Env:
         d = self.tmp / "state" / "messages"
         if not d.is_dir():
             return {}
-        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
+        out = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
+        db = self.tmp / "state" / "imapsql.db"
+        if db.exists():  # bodies up to storage.imapsql.INLINE_MAX are stored in the index
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                out.update({k: bytes(v) for k, v in conn.execute("SELECT key, data FROM blobs WHERE data IS NOT NULL")})
+            finally:
+                conn.close()
+        return out
 
     def deliver(self, port: int, rcpts: list[str], msg: bytes) -> bytes:
         """Send one message; return the stored copy of it (found by a marker in the body)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pymaddy.storage.blob_fs import TMP_PREFIX, FSBlobStore, NoSuchBlob
+from pymaddy.storage.sqlitedb import SQLiteDB
 from tests.runtime_helpers import Runtime
 
 
@@ -66,3 +67,33 @@ def test_writer_abort_and_stale_temporaries(tmp_path: Path) -> None:
         assert st.get_sync("kk") == b"ab" and st.size("kk") == 2
 
     run(tmp_path, t)
+
+
+def test_writer_file_syncs_fail_only_their_job(tmp_path: Path) -> None:
+    """A job's file sync (deferred blob fsync) that fails fails that job alone, before the transaction."""
+    class Dir:
+        n = 0
+
+        def sync_dir(self) -> None:
+            self.n += 1
+
+    def bad() -> None:
+        raise OSError("gone")
+
+    d = Dir()
+    db = SQLiteDB(str(tmp_path / "x.db"), group_window=0.5)
+    db.open()
+    try:
+        db.expect()
+        db.expect()
+        f1 = db.submit(lambda c: c.execute("CREATE TABLE t (x)") and 1, sync=(d,), expected=True, files=(bad,))
+        f2 = db.submit(lambda c: c.execute("CREATE TABLE u (x)") and 2, sync=(d,), expected=True,
+                       files=(lambda: None,))
+        assert f2.result(5) == 2
+        with pytest.raises(OSError, match="gone"):
+            f1.result(5)
+        assert db.stats.file_syncs == 1 and d.n == 1
+        names = db.read_sync(lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master")})
+        assert "u" in names and "t" not in names
+    finally:
+        db.close()

@@ -29,7 +29,9 @@ CHILD = r"""
 import asyncio, hashlib, random, sys
 from pathlib import Path
 from pymaddy.mail.message import Body, Header, MsgMeta
+from pymaddy.storage import imapsql
 from pymaddy.storage.imapsql import IMAPSQL, AccountExists
+imapsql.INLINE_MAX = imapsql.INLINE_MAX_DEFAULT  # both kinds of bodies
 from tests.runtime_helpers import Runtime
 
 tmp, tag = Path(sys.argv[1]), sys.argv[2]
@@ -50,7 +52,8 @@ async def main():
             i = 0
             while True:
                 mid = f"{tag}-{w}-{i}"
-                body = (mid.encode() + b"\r\n") * rnd.randint(1, 3000)
+                # Sizes on both sides of INLINE_MAX: bodies in the index and in blob files.
+                body = (mid.encode() + b"\r\n") * rnd.randint(1, 12000)
                 d = await st.start_delivery(MsgMeta(quarantine=(i % 5 == 0)), "bob@example.com")
                 await d.add_rcpt("alice@example.org")
                 if i % 2:
@@ -105,13 +108,16 @@ def _check_files(tmp: Path, acked: dict[str, str]) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         rows = conn.execute(
-            "SELECT m.blob_key, m.prefix, b.size, a.name FROM messages m JOIN blobs b ON b.key = m.blob_key "
+            "SELECT m.blob_key, m.prefix, b.size, a.name, b.data FROM messages m JOIN blobs b ON b.key = m.blob_key "
             "JOIN mailboxes x ON x.id = m.mailbox_id JOIN accounts a ON a.id = x.account_id"
         ).fetchall()
         # Every row's blob exists (the join above also proves a blobs row exists) and is complete.
         assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == len(rows)
-        for key, _prefix, size, _acct in rows:
-            assert os.path.getsize(tmp / "messages" / key) == size
+        for key, _prefix, size, _acct, data in rows:
+            if data is None:
+                assert os.path.getsize(tmp / "messages" / key) == size
+            else:
+                assert len(data) == size
         # Reference counts match the rows.
         bad = conn.execute(
             "SELECT b.key FROM blobs b WHERE b.refs != (SELECT count(*) FROM messages m WHERE m.blob_key = b.key)"
@@ -120,8 +126,8 @@ def _check_files(tmp: Path, acked: dict[str, str]) -> None:
     finally:
         conn.close()
     found: dict[str, str] = {}
-    for key, prefix, _size, acct in rows:
-        data = bytes(prefix) + (tmp / "messages" / key).read_bytes()
+    for key, prefix, _size, acct, inline in rows:
+        data = bytes(prefix) + (bytes(inline) if inline is not None else (tmp / "messages" / key).read_bytes())
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"Delivered-To: " + acct.encode() + b"\r\nReturn-Path: <bob@example.com>\r\n")
         mid = head.split(b"Message-Id: <")[1].split(b">")[0].decode()
@@ -136,6 +142,12 @@ def test_sigkill_loses_no_acknowledged_delivery(tmp_path: Path) -> None:
     for rnd, kill_after in enumerate((60, 150)):
         total.update(_run_and_kill(tmp_path, f"r{rnd}", kill_after))
         _check_files(tmp_path, total)
+    conn = sqlite3.connect(tmp_path / "imapsql.db")
+    try:
+        kinds = dict(conn.execute("SELECT data IS NULL, count(*) FROM blobs GROUP BY data IS NULL").fetchall())
+    finally:
+        conn.close()
+    assert kinds.get(0) and kinds.get(1), f"both inline and file bodies expected: {kinds}"
 
     # The store opens cleanly afterwards and serves every acknowledged message.
     async def reopen() -> None:
