@@ -18,6 +18,7 @@ from pymaddy.config import values as V
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Custom,
@@ -28,15 +29,14 @@ from pymaddy.config.schema import (
     Settings,
     String,
     StringList,
-    roles,
-)
-from pymaddy.tables.schema import (
-    INLINE_ARGS_DIRECTIVE,
-    TABLE_REF,
-    failed,
     keep_inline_args,
     reject_inline_args,
+    roles,
     take_inline_args,
+)
+from pymaddy.tables.schema import (
+    TABLE_REF,
+    failed,
 )
 from pymaddy.tls.schema import TLS_CLIENT
 

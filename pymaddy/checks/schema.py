@@ -19,6 +19,7 @@ from pymaddy.config import values as V
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Custom,
@@ -29,18 +30,17 @@ from pymaddy.config.schema import (
     Settings,
     String,
     StringList,
-    roles,
-)
-from pymaddy.config.values import NORMALIZERS
-from pymaddy.tables.schema import (
-    INLINE_ARGS_DIRECTIVE,
-    TABLE_REF,
-    failed,
-    go_atoi,
     ignore_inline_args,
     keep_inline_args,
     reject_inline_args,
+    roles,
     take_inline_args,
+)
+from pymaddy.config.values import NORMALIZERS
+from pymaddy.tables.schema import (
+    TABLE_REF,
+    failed,
+    go_atoi,
 )
 from pymaddy.tls.schema import TLS_CLIENT
 

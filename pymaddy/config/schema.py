@@ -355,3 +355,48 @@ def inline_to(directive: str, min_args: int = 1, max_args: int | None = None) ->
         return [node.synth(directive, list(node.args))]
 
     return fn
+
+
+# -- inline arguments kept for a validator ---------------------------------------
+# Some inline arguments only supply defaults that the block may override, or need
+# parsing together with other directives. They travel as a hidden directive that
+# no config text can spell ('@' is not a directive-name character) and the
+# module's `validate` takes them out again.
+
+INLINE_ARGS = "@inline"
+
+
+def _raw_args(node: Node, ctx: Ctx) -> list[str]:
+    return list(node.args)
+
+
+INLINE_ARGS_DIRECTIVE = Directive(INLINE_ARGS, Custom(_raw_args), None, doc="inline arguments (internal, not writable)")
+
+
+def keep_inline_args(head: Node, ctx: Ctx) -> list[Node]:
+    """Inline arguments become the hidden directive, interpreted by the module's `validate`."""
+    return [head.synth(INLINE_ARGS, list(head.args))] if head.args else []
+
+
+def ignore_inline_args(head: Node, ctx: Ctx) -> list[Node]:
+    """maddy accepts and silently ignores inline arguments for this module."""
+    return []
+
+
+def reject_inline_args(prefix: str) -> InlineFn:
+    """Inline arguments are an error worded as maddy words it (`pam: inline arguments are not used`)."""
+
+    def fn(head: Node, ctx: Ctx) -> list[Node]:
+        if head.args:
+            raise ConfigError.at(head, f"{prefix}: inline arguments are not used")
+        return []
+
+    return fn
+
+
+def take_inline_args(settings: Settings) -> list[str]:
+    """The inline arguments kept by `keep_inline_args`, removed from the settings."""
+    value = settings.pop(INLINE_ARGS, None)
+    settings.present.discard(INLINE_ARGS)
+    settings.nodes.pop(INLINE_ARGS, None)
+    return list(value) if value else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Directive,
@@ -19,15 +20,14 @@ from pymaddy.config.schema import (
     Settings,
     String,
     StringList,
+    keep_inline_args,
     roles,
+    take_inline_args,
 )
 from pymaddy.tables.schema import (
-    INLINE_ARGS_DIRECTIVE,
     TABLE_REF,
     failed,
     ignore_children,
-    keep_inline_args,
-    take_inline_args,
 )
 
 # -- modify.dkim ------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS,
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Custom,
@@ -32,10 +34,10 @@ from pymaddy.config.schema import (
     String,
     StringList,
     roles,
+    take_inline_args,
 )
 from pymaddy.config.values import NORMALIZERS, parse_int
 
-INLINE = "@inline"  # hidden directive carrying inline arguments; the parser never yields '@'
 LIBEXEC_DIR = "/usr/lib/maddy"  # maddy prepends it to $PATH at start-up
 
 # Same names as the global auth_map_normalize (spec §C); defined here to keep imports cheap.
@@ -43,17 +45,10 @@ LIBEXEC_DIR = "/usr/lib/maddy"  # maddy prepends it to $PATH at start-up
 SQL_DRIVERS = ("sqlite", "postgres", "mysql")
 
 
-def _raw_args(node: Node, ctx: Ctx) -> list[str]:
-    return list(node.args)
 
 
-def _take_inline(settings: Settings) -> list[str] | None:
-    settings.present.discard(INLINE)
-    value: list[str] | None = settings.pop(INLINE, None)
-    return value
 
 
-INLINE_DIRECTIVE = Directive(INLINE, Custom(_raw_args), None, doc="inline arguments (internal)")
 DEBUG = Directive("debug", Bool(), False, inherit=True)
 
 
@@ -105,11 +100,11 @@ def _fsstore(node: Node, ctx: Ctx) -> object:
 def _imapsql_inline(head: Node, ctx: Ctx) -> list[Node]:
     if len(head.args) == 1:
         raise ConfigError.at(head, "imapsql: expected at least 2 arguments")
-    return [head.synth(INLINE, list(head.args))]
+    return [head.synth(INLINE_ARGS, list(head.args))]
 
 
 def _imapsql_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    inline = _take_inline(settings)
+    inline = take_inline_args(settings)
     if inline:
         if "driver" not in settings.present:
             settings["driver"] = inline[0]
@@ -147,7 +142,7 @@ def _imapsql_schema(name: str) -> ModuleSchema:
         name=name,
         roles=roles("storage", "delivery_target", "table"),
         directives=(
-            INLINE_DIRECTIVE,
+            INLINE_ARGS_DIRECTIVE,
             Directive("driver", String(), None, doc="sqlite3 | sqlite | postgres | mysql"),
             Directive("dsn", StringList(), None, doc="joined by spaces; sqlite: path relative to state_dir"),
             Directive("fsstore", Custom(_fsstore, allow_block=True), None, repeat=True, doc="deprecated"),
@@ -179,11 +174,11 @@ def _fs_inline(head: Node, ctx: Ctx) -> list[Node]:
     if len(head.args) > 1:
         # Reported here; the first argument stands in so that one mistake gives one error.
         ctx.errors.at(head, "storage.blob.fs: 1 or 0 arguments expected")
-    return [head.synth(INLINE, head.args[:1])]
+    return [head.synth(INLINE_ARGS, head.args[:1])]
 
 
 def _fs_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    inline = _take_inline(settings)
+    inline = take_inline_args(settings)
     if "root" not in settings.present and inline:
         settings["root"] = inline[0]
     if not settings.get("root") and "root" not in settings.failed:
@@ -214,7 +209,7 @@ def _s3_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
 BLOB_FS = ModuleSchema(
     name="storage.blob.fs",
     roles=roles("blob_store"),
-    directives=(INLINE_DIRECTIVE, Directive("root", String(), None, doc="directory, relative to state_dir")),
+    directives=(INLINE_ARGS_DIRECTIVE, Directive("root", String(), None, doc="directory, relative to state_dir")),
     inline=_fs_inline,
     validate=_fs_validate,
     runtime=None,
@@ -276,7 +271,7 @@ def _not_executable(path: str) -> str:
 
 
 def _command_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    args = _take_inline(settings) or []
+    args = take_inline_args(settings) or []
     if not args:
         raise ConfigError.at(node, "command: at least one argument is required (command name)")
     try:
@@ -291,8 +286,8 @@ IMAP_FILTER_COMMAND = ModuleSchema(
     name="imap.filter.command",
     # maddy accepts any IMAP filter where a filter group is expected (`imap_filter &name`).
     roles=roles("imap_filter", "imap_filters_group"),
-    directives=(INLINE_DIRECTIVE,),
-    inline=lambda head, ctx: [head.synth(INLINE, list(head.args))],
+    directives=(INLINE_ARGS_DIRECTIVE,),
+    inline=lambda head, ctx: [head.synth(INLINE_ARGS, list(head.args))],
     validate=_command_validate,
     runtime=None,
     doc="runs a command per delivered message; its output picks the folder and flags",

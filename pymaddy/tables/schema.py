@@ -1,27 +1,21 @@
 """Table module schemas (spec §B.6): static, file, regexp, chain, identity, email_* and sql_*.
 
-Also home of the small helpers every schema file of the check/modify/auth/table
-layers uses for inline arguments:
-
-* maddy hands a module its inline arguments separately from its block, and many
-  modules give them a meaning no directive has (`regexp RE REPL…`, `dnsbl ZONE…`).
-  `keep_inline_args` turns them into one hidden directive, `@args`, whose name
-  can never be written in a config file (directive names cannot contain `@`), and
-  the module's `validate` reads them back with `take_inline_args`. So a block can
-  never smuggle in a value that maddy only accepts inline.
-* `ignore_inline_args` / `ignore_children` mirror modules whose Configure simply
-  never looks at their inline arguments or at their block.
+Also home of small helpers the check/modify/auth schema files share (TABLE_REF,
+`failed`, `go_atoi`, `ignore_children`). Inline arguments with a meaning no
+directive has (`regexp RE REPL…`, `dnsbl ZONE…`) use the shared hidden-directive
+mechanism of `pymaddy.config.schema` (`keep_inline_args` / `take_inline_args`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS,
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Custom,
@@ -31,7 +25,11 @@ from pymaddy.config.schema import (
     Settings,
     String,
     StringList,
+    ignore_inline_args,
+    keep_inline_args,
+    reject_inline_args,
     roles,
+    take_inline_args,
 )
 
 if TYPE_CHECKING:
@@ -39,46 +37,9 @@ if TYPE_CHECKING:
 
 # -- inline-argument helpers shared by the check/modify/auth/table schemas -----
 
-INLINE_ARGS = "@args"
 
 # A table given inline (`file /etc/aliases`) or by reference (`&name`).
 TABLE_REF = ModuleRef("table", "table")
-
-
-def _raw_args(node: Node, ctx: Ctx) -> list[str]:
-    return list(node.args)
-
-
-INLINE_ARGS_DIRECTIVE = Directive(INLINE_ARGS, Custom(_raw_args), None, doc="inline arguments (internal, not writable)")
-
-
-def keep_inline_args(head: Node, ctx: Ctx) -> list[Node]:
-    """Inline arguments become the hidden `@args` directive, interpreted by `validate`."""
-    return [head.synth(INLINE_ARGS, list(head.args))] if head.args else []
-
-
-def ignore_inline_args(head: Node, ctx: Ctx) -> list[Node]:
-    """maddy accepts and silently ignores inline arguments for this module."""
-    return []
-
-
-def reject_inline_args(prefix: str) -> Callable[[Node, Ctx], list[Node]]:
-    """Inline arguments are an error worded as maddy words it (`pam: inline arguments are not used`)."""
-
-    def fn(head: Node, ctx: Ctx) -> list[Node]:
-        if head.args:
-            raise ConfigError.at(head, f"{prefix}: inline arguments are not used")
-        return []
-
-    return fn
-
-
-def take_inline_args(settings: Settings) -> list[str]:
-    """The inline arguments kept by `keep_inline_args` (removed from the settings)."""
-    value = settings.pop(INLINE_ARGS, None)
-    settings.present.discard(INLINE_ARGS)
-    settings.nodes.pop(INLINE_ARGS, None)
-    return list(value) if value else []
 
 
 def failed(settings: Settings, *names: str) -> bool:

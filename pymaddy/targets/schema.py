@@ -20,6 +20,8 @@ from typing import Any
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS,
+    INLINE_ARGS_DIRECTIVE,
     Bool,
     Ctx,
     Custom,
@@ -35,26 +37,14 @@ from pymaddy.config.schema import (
     Settings,
     String,
     ValidateFn,
+    ignore_inline_args,
+    keep_inline_args,
     parse_endpoint_at,
     roles,
+    take_inline_args,
 )
 from pymaddy.config.values import FALSE_WORDS, TRUE_WORDS, Endpoint
 from pymaddy.tls.schema import TLS_CLIENT
-
-INLINE = "@inline"  # hidden directive carrying inline arguments; the parser never yields '@'
-
-
-def _inline_raw(head: Node, ctx: Ctx) -> list[Node]:
-    return [head.synth(INLINE, list(head.args))]
-
-
-def _raw_args(node: Node, ctx: Ctx) -> list[str]:
-    return list(node.args)
-
-
-def _ignore_inline(head: Node, ctx: Ctx) -> list[Node]:
-    """maddy's module reads no inline arguments and does not complain about them."""
-    return []
 
 
 def _refuse_inline(message: str) -> InlineFn:
@@ -64,13 +54,8 @@ def _refuse_inline(message: str) -> InlineFn:
     return fn
 
 
-def _take_inline(settings: Settings) -> list[str] | None:
-    settings.present.discard(INLINE)
-    value: list[str] | None = settings.pop(INLINE, None)
-    return value
 
 
-INLINE_DIRECTIVE = Directive(INLINE, Custom(_raw_args), None, doc="inline arguments (internal)")
 DEBUG = Directive("debug", Bool(), False, inherit=True)
 HOSTNAME = Directive("hostname", String(), None, inherit=True, required=True, doc="EHLO / Reporting-MTA name")
 TLS_CLIENT_DIRECTIVE = Directive("tls_client", TLS_CLIENT, None, inherit=True, doc="client TLS settings")
@@ -138,7 +123,7 @@ MX_AUTH_POLICIES = [
             Directive("cache", Enum(("ram", "fs")), "fs"),
             Directive("fs_dir", String(), "mtasts_cache", doc="relative to state_dir"),
         ),
-        inline=_ignore_inline,
+        inline=ignore_inline_args,
         runtime=None,
         doc="MTA-STS (RFC 8461) policy with a cached policy store",
     ),
@@ -146,7 +131,7 @@ MX_AUTH_POLICIES = [
         name="mx_auth.dane",
         roles=roles("mx_auth_policy"),
         directives=(DEBUG,),
-        inline=_ignore_inline,
+        inline=ignore_inline_args,
         runtime=None,
         doc="DANE (RFC 7672) TLSA verification of MX certificates",
     ),
@@ -154,7 +139,7 @@ MX_AUTH_POLICIES = [
         name="mx_auth.dnssec",
         roles=roles("mx_auth_policy"),
         directives=(),
-        inline=_ignore_inline,
+        inline=ignore_inline_args,
         runtime=None,
         doc="an MX RRset authenticated by DNSSEC raises the MX level to dnssec",
     ),
@@ -165,7 +150,7 @@ MX_AUTH_POLICIES = [
             Directive("min_tls_level", Enum(("none", "encrypted", "authenticated")), "encrypted"),
             Directive("min_mx_level", Enum(("none", "mtasts", "dnssec")), "none"),
         ),
-        inline=_ignore_inline,  # docs show `local_policy off`; the code ignores it
+        inline=ignore_inline_args,  # docs show `local_policy off`; the code ignores it
         runtime=None,
         doc="minimum TLS and MX authentication levels (failures are temporary)",
     ),
@@ -176,7 +161,7 @@ MX_AUTH_POLICIES = [
             Directive("source", String(), "eff"),
             Directive("enforce_testing", Bool(), True),
         ),
-        inline=_ignore_inline,
+        inline=ignore_inline_args,
         runtime=None,
         doc="deprecated no-op (the STS preload list expired)",
     ),
@@ -199,11 +184,11 @@ def _queue_inline(head: Node, ctx: Ctx) -> list[Node]:
         # Reported here; the first argument still stands in for the location so
         # that this one mistake gives one error.
         ctx.errors.at(head, "queue: wrong amount of inline arguments")
-    return [head.synth(INLINE, head.args[:1])]
+    return [head.synth(INLINE_ARGS, head.args[:1])]
 
 
 def _queue_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    inline = _take_inline(settings)
+    inline = take_inline_args(settings)
     if "location" not in settings.present and inline:
         settings["location"] = inline[0]
     bounce = settings.get("bounce") is not None
@@ -225,7 +210,7 @@ TARGET_QUEUE = ModuleSchema(
     name=QUEUE,
     roles=roles("delivery_target"),
     directives=(
-        INLINE_DIRECTIVE,
+        INLINE_ARGS_DIRECTIVE,
         Directive("target", ModuleRef("target", "delivery_target"), None, required=True),
         Directive("location", String(), None, doc="queue directory; default STATE/<instance name>"),
         Directive("max_tries", Int(), 20),
@@ -303,7 +288,7 @@ def _downstream_validate(name: str, settings: Settings, node: Node, ctx: Ctx) ->
     attempts = settings.get("attempt_starttls") or []
     if attempts:
         settings["starttls"] = attempts[-1]
-    inline = _take_inline(settings) or []
+    inline = take_inline_args(settings) or []
     endpoints: list[Endpoint] = list(settings.get("targets") or [])
     failed = "targets" in settings.failed
     for addr in inline:
@@ -326,7 +311,7 @@ def _outbound_endpoints(node: Node, ctx: Ctx) -> list[Endpoint]:
 def _downstream_schema(name: str) -> ModuleSchema:
     lmtp = name == "target.lmtp"
     directives = (
-        INLINE_DIRECTIVE,
+        INLINE_ARGS_DIRECTIVE,
         DEBUG,
         Directive("require_tls", Custom(_ignored, allow_block=True), None, repeat=True, doc="deprecated, ignored"),
         Directive(
@@ -349,7 +334,7 @@ def _downstream_schema(name: str) -> ModuleSchema:
         name=name,
         roles=roles("delivery_target"),
         directives=directives,
-        inline=_inline_raw,
+        inline=keep_inline_args,
         validate=_downstream_validator(name),
         runtime=None,
         doc=f"forwards every message to fixed {'LMTP' if lmtp else 'SMTP'} servers",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
+    INLINE_ARGS_DIRECTIVE,
     Block,
     Bool,
     Ctx,
@@ -19,7 +20,10 @@ from pymaddy.config.schema import (
     String,
     StringList,
     ValidateFn,
+    ignore_inline_args,
+    keep_inline_args,
     roles,
+    take_inline_args,
 )
 
 TLS_VERSIONS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
@@ -148,30 +152,20 @@ TLS_CLIENT_BLOCK = Block(CLIENT_DIRECTIVES)
 # Inline arguments travel in a hidden `@inline` node (no config text can spell
 # '@'), merged by each validator, so `certs`/`keys` may still be written too.
 
-INLINE = "@inline"
 LETSENCRYPT_CA = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING_CA = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 
-def _raw_args(node: Node, ctx: Ctx) -> list[str]:
-    return list(node.args)
 
 
-def _inline_raw(head: Node, ctx: Ctx) -> list[Node]:
-    return [head.synth(INLINE, list(head.args))]
 
 
-def _take_inline(settings: Settings) -> list[str]:
-    settings.present.discard(INLINE)
-    value: list[str] = settings.pop(INLINE, None) or []
-    return value
 
 
-INLINE_DIRECTIVE = Directive(INLINE, Custom(_raw_args), None, doc="inline arguments (internal)")
 
 
 def _file_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    inline = _take_inline(settings)
+    inline = take_inline_args(settings)
     if "certs" in settings.failed or "keys" in settings.failed:
         return
     certs: list[str] = list(settings.get("certs") or [])
@@ -196,11 +190,11 @@ TLS_LOADER_FILE = ModuleSchema(
     name="tls.loader.file",
     roles=roles("tls_loader"),
     directives=(
-        INLINE_DIRECTIVE,
+        INLINE_ARGS_DIRECTIVE,
         Directive("certs", StringList(), None, doc="absolute certificate paths (inline: CERT KEY pairs)"),
         Directive("keys", StringList(), None, doc="key paths, one per certificate"),
     ),
-    inline=_inline_raw,
+    inline=keep_inline_args,
     validate=_file_validate,
     runtime=None,
     doc="certificate/key files, re-read every minute; SNI picks the certificate",
@@ -208,14 +202,14 @@ TLS_LOADER_FILE = ModuleSchema(
 
 
 def _self_signed_validate(settings: Settings, node: Node, ctx: Ctx) -> None:
-    settings["names"] = _take_inline(settings)
+    settings["names"] = take_inline_args(settings)
 
 
 TLS_LOADER_SELF_SIGNED = ModuleSchema(
     name="tls.loader.self_signed",
     roles=roles("tls_loader"),
-    directives=(INLINE_DIRECTIVE,),
-    inline=_inline_raw,
+    directives=(INLINE_ARGS_DIRECTIVE,),
+    inline=keep_inline_args,
     validate=_self_signed_validate,
     runtime=None,
     doc="an in-memory ECDSA P-256 certificate for the inline names/IPs, made at each start",
@@ -265,9 +259,6 @@ TLS_LOADER_ACME = ModuleSchema(
 # -- libdns.* DNS providers (spec §B.10) ----------------------------------------------------
 
 
-def _ignore_inline(head: Node, ctx: Ctx) -> list[Node]:
-    """maddy's provider modules never read their inline arguments."""
-    return []
 
 
 def _need_one_of(module: str, message: str, *names: str) -> ValidateFn:
@@ -287,7 +278,7 @@ def _provider(
         name=f"libdns.{name}",
         roles=roles("dns_provider"),
         directives=tuple(Directive(f, String(), None if req else "", required=req) for f, req in fields),
-        inline=_ignore_inline,
+        inline=ignore_inline_args,
         validate=validate,
         runtime=None,
         doc=doc or f"{name} DNS API for ACME dns-01",
