@@ -315,12 +315,9 @@ class PipelineRunner(DeliveryTarget):
         if blk is not None:
             return blk  # type: ignore[no-any-return]
         if sender:
-            if key in p.per_source:
-                return p.per_source[key]
-            if "@" in key:
-                dom = key.rpartition("@")[2]
-                if dom in p.per_source:
-                    return p.per_source[dom]
+            found = _rule_match(p.per_source, key)
+            if found is not None:
+                return found  # type: ignore[no-any-return]
         assert p.default_source is not None
         return p.default_source
 
@@ -332,12 +329,9 @@ class PipelineRunner(DeliveryTarget):
         blk = await self._table_match(src.rcpt_in, key)
         if blk is not None:
             return blk  # type: ignore[no-any-return]
-        if key in src.per_rcpt:
-            return src.per_rcpt[key]
-        if "@" in key:
-            dom = key.rpartition("@")[2]
-            if dom in src.per_rcpt:
-                return src.per_rcpt[dom]
+        found = _rule_match(src.per_rcpt, key)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
         assert src.default_rcpt is not None
         return src.default_rcpt
 
@@ -515,3 +509,12 @@ class PipelineDelivery(PartialDelivery):
             await self.mods.close()
         except Exception as e:
             self.log.error("modifier close failed", err=e)
+
+
+def _rule_match(rules: dict[str, Any], key: str) -> Any:
+    """§D.2 rule lookup: the exact (normalized) address first, then its domain."""
+    if key in rules:
+        return rules[key]
+    if "@" in key:
+        return rules.get(key.rpartition("@")[2])
+    return None
