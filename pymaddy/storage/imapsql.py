@@ -518,19 +518,12 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             if mid is None:
                 raise MailboxNotFound()
             rows = c.execute(
-                "SELECT id, mailbox_id, uid, modseq, internaldate, size, blob_key, prefix FROM messages "
+                "SELECT id, mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, flags FROM messages "
                 "WHERE mailbox_id = ? ORDER BY uid",
                 (mid,),
             ).fetchall()
-            flags: dict[int, list[str]] = {}
-            for mid_, flag in c.execute(
-                "SELECT f.message_id, f.flag FROM flags f JOIN messages m ON m.id = f.message_id "
-                "WHERE m.mailbox_id = ? ORDER BY f.flag",
-                (mid,),
-            ):
-                flags.setdefault(mid_, []).append(flag)
             return [
-                MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), tuple(flags.get(r[0], ())))
+                MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), tuple(r[8].split()))
                 for r in rows
             ]
 

@@ -87,7 +87,17 @@ _V2 = [
     "ALTER TABLE blobs ADD COLUMN data {blob}",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+# Version 3: flags move into the message row (`flags`: the flags joined by single spaces, sorted),
+# so FETCH FLAGS, STORE and SEARCH read and write one row per message; the flags table goes.
+_V3 = [
+    "ALTER TABLE messages ADD COLUMN flags TEXT NOT NULL DEFAULT ''",
+    """UPDATE messages SET flags = COALESCE((SELECT group_concat(flag, ' ') FROM
+        (SELECT flag FROM flags f WHERE f.message_id = messages.id ORDER BY flag)), '')""",
+    "DROP INDEX flags_flag",
+    "DROP TABLE flags",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

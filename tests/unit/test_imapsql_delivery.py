@@ -401,6 +401,7 @@ def test_schema_v1_database_is_migrated_and_its_blobs_still_read(tmp_path: Path)
     conn.execute("INSERT INTO blobs (key, size, refs) VALUES ('oldkey', 5, 1)")
     conn.execute("INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix) "
                  "VALUES (1, 1, 1, 0, 9, 'oldkey', x'41420d0a')")
+    conn.executemany("INSERT INTO flags VALUES (1, ?)", [("\\Seen",), ("$Label1",), ("\\Answered",)])
     conn.close()
     (tmp_path / "messages").mkdir()
     (tmp_path / "messages" / "oldkey").write_bytes(b"hello")
@@ -409,8 +410,10 @@ def test_schema_v1_database_is_migrated_and_its_blobs_still_read(tmp_path: Path)
         await deliver(st, ["alice@example.org"])
         old, new = await st.list_messages("alice@example.org")
         assert await st.read_message(old) == b"AB\r\nhello"
+        assert old.flags == ("$Label1", "\\Answered", "\\Seen")  # v3: the flags table moved into the row
+        assert new.flags == ()
         assert (await st.read_message(new)).endswith(b"Hello!\r\n")
 
     run(tmp_path, t)
     assert _db_check(tmp_path / "imapsql.db") == ("ok", 0, SCHEMA_VERSION)
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
