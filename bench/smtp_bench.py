@@ -12,7 +12,8 @@ pymaddy runs as the real server (`python -m pymaddy -config CONF run`) with a
 generated config in a fresh temporary directory per run; every message is
 committed to the SQLite index (`synchronous=FULL`) and its blob fsynced before
 the 250 reply, so the time smtp-source takes is the end-to-end time. After each
-run the `messages` table is counted; peak RSS is the server's VmHWM.
+run the `messages` table is counted; peak RSS is the server's VmHWM; the server's
+CPU time per message (user+sys, /proc/PID/stat) is shown per run and kept in --json.
 
 Targets (issue): pymaddy >= 2x the Postfix->Dovecot rate, >= the bare aiosmtpd
 rate, peak RSS <= 80 MB.
@@ -85,6 +86,7 @@ class Run:
     rss_mb: float = 0.0
     ok: bool = True
     note: str = ""
+    cpu_ms: float = 0.0  # server CPU time (user+sys) per message, pymaddy only
 
 
 @dataclass
@@ -117,6 +119,16 @@ def vm_kib(pid: int, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU time of a process so far (from /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def server_env() -> dict[str, str]:
@@ -210,7 +222,9 @@ def run_pymaddy(cell: Cell, timeout: float, profile: Path | None = None) -> Run:
     try:
         srv = PymaddyServer(tmp, free_port(), profile)
         try:
+            cpu0 = cpu_seconds(srv.proc.pid)
             dt, err = smtp_source(cell, srv.port, timeout)
+            cpu = cpu_seconds(srv.proc.pid) - cpu0
             rss = vm_kib(srv.proc.pid, "VmHWM") / 1024
             # smtp-source only ends after the last 250, which pymaddy sends after the commit
             stored = srv.stored()
@@ -218,7 +232,7 @@ def run_pymaddy(cell: Cell, timeout: float, profile: Path | None = None) -> Run:
             srv.close()
         ok = not err and stored == cell.messages
         note = err or ("" if ok else f"stored {stored} of {cell.messages}")
-        return Run(cell.messages / dt, rss, ok, note)
+        return Run(cell.messages / dt, rss, ok, note, cpu * 1000 / cell.messages)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -308,7 +322,8 @@ def main() -> int:
                 res.runs.setdefault(t, []).append(r)
                 status = "ok" if r.ok else f"FAILED ({r.note})"
                 print(f"rep {rep + 1}/{args.repeat} {t:9} {res.cell.label:28} {r.msg_s:8.1f} msg/s "
-                      f"peak RSS {r.rss_mb:6.1f} MB {status}", file=sys.stderr, flush=True)
+                      f"peak RSS {r.rss_mb:6.1f} MB"
+                      + (f" CPU {r.cpu_ms:.2f} ms/msg" if r.cpu_ms else "") + f" {status}", file=sys.stderr, flush=True)
 
     print(f"\nSMTP inbound, msg/s (median of {args.repeat}); pymaddy into storage.imapsql, fsync on; "
           f"{os.cpu_count()} CPUs")

@@ -11,14 +11,42 @@ import contextlib
 import io
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+_POOL_SIZE = 4096
+_pool = b""
+_pos = 0
+_pool_lock = threading.Lock()
+
+
+def _reset_pool() -> None:
+    global _pool, _pos
+    _pool, _pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_reset_pool)  # a child must not repeat its parent's bytes
+
+
+def random_hex(nbytes: int) -> str:
+    """Like secrets.token_hex(nbytes), served from a buffer of os.urandom bytes (one getrandom call
+    per 4 KiB rather than one per ID); each byte is handed out once."""
+    global _pool, _pos
+    if nbytes > _POOL_SIZE // 4:
+        return secrets.token_hex(nbytes)
+    with _pool_lock:
+        if _pos + nbytes > len(_pool):
+            _pool, _pos = os.urandom(_POOL_SIZE), 0
+        out = _pool[_pos : _pos + nbytes]
+        _pos += nbytes
+    return out.hex()
+
 
 def new_msg_id() -> str:
     """maddy's message ID: 8 random hex characters, used in logs and replies."""
-    return secrets.token_hex(4)
+    return random_hex(4)
 
 
 @dataclass

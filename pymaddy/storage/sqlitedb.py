@@ -62,6 +62,8 @@ class _Job:
     sync: tuple[DirSync, ...] = ()
     files: tuple[Callable[[], None], ...] = ()
     after: list[Callable[[], None]] = field(default_factory=list)
+    # write(): the awaiting coroutine's future, resolved from `future` by one loop callback per batch
+    aio: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None
 
 
 class DatabaseClosed(Exception):
@@ -172,15 +174,23 @@ class SQLiteDB:
         Before the transaction that runs `fn`, the writer calls each of `files`
         (fsyncs of data the job makes reachable; an exception fails the job) and
         then `sync_dir()` of each of `sync`, once per batch."""
-        fut: Future[T] = Future()
+        return self._submit(_Job(fn, Future(), sync, files), expected)
+
+    def _submit(self, job: _Job, expected: bool) -> Future[Any]:
+        fut = job.future
         with self._cond:
             if expected:
                 self._expected = max(0, self._expected - 1)
             if self._closing or self._thread is None:
                 fut.set_exception(DatabaseClosed("imapsql: database is closed"))
                 return fut
-            self._queue.append(_Job(fn, fut, sync, files))
-            self._cond.notify_all()
+            self._queue.append(job)
+            # Wake the writer only when it has something to do: it waits either for a first job (the
+            # queue was empty) or, inside the group window, for the expected commits (none left) or
+            # a full batch. Every other arrival would wake it only to wait again.
+            q = len(self._queue)
+            if q == 1 or self._expected == 0 or q >= MAX_BATCH:
+                self._cond.notify_all()
         return fut
 
     async def write(
@@ -190,7 +200,17 @@ class SQLiteDB:
         expected: bool = False,
         files: tuple[Callable[[], None], ...] = (),
     ) -> T:
-        return await asyncio.wrap_future(self.submit(fn, sync, expected, files))
+        """submit() and wait. The writer wakes the event loop once per batch, not once per job."""
+        loop = asyncio.get_running_loop()
+        afut: asyncio.Future[T] = loop.create_future()
+        job = _Job(fn, Future(), sync, files, aio=(loop, afut))
+        cfut = self._submit(job, expected)
+        if cfut.done():
+            _copy_result(cfut, afut)
+        else:
+            # a caller that gives up before the job starts drops it (as asyncio.wrap_future would)
+            afut.add_done_callback(lambda f: cfut.cancel() if f.cancelled() else None)
+        return await afut
 
     def _take_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -215,7 +235,10 @@ class SQLiteDB:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            finally:
+                _wake(batch)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         conn = self._wconn
@@ -301,3 +324,32 @@ class SQLiteDB:
             raise DatabaseClosed("imapsql: database is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self.read_sync, fn)
+
+
+def _copy_result(src: Future[Any], dst: asyncio.Future[Any]) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+        return
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _resolve(pairs: list[tuple[Future[Any], asyncio.Future[Any]]]) -> None:
+    for src, dst in pairs:
+        _copy_result(src, dst)
+
+
+def _wake(batch: list[_Job]) -> None:
+    """Hand the batch's results to the waiting coroutines: one call_soon_threadsafe per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Future[Any], asyncio.Future[Any]]]] = {}
+    for job in batch:
+        if job.aio is not None and job.future.done():
+            by_loop.setdefault(job.aio[0], []).append((job.future, job.aio[1]))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_resolve, pairs)

@@ -70,6 +70,8 @@ class SMTPEndpoint(StreamEndpoint):
         self.tls_ctx: ssl.SSLContext | None = None
         self.insecure_auth = bool(s.get("insecure_auth"))
         self.pipeline = PipelineRunner(s["pipeline"], ctx, self.log, self.hostname, add_received=True)
+        # client IP -> (rDNS name or "" when there is none, expiry in loop time); see Session._lookup_rdns
+        self.rdns_cache: dict[str, tuple[str, float]] = {}
         m = ctx.metrics
         self._m_failed_logins = m.counter("maddy_smtp_failed_logins", "Failed SMTP logins", ["module"])
         self._m_failed_cmds = m.counter(

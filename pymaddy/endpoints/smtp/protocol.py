@@ -214,6 +214,33 @@ class DotDecoder:
             return line, False
         return self._slow(line)
 
+    def block(self, seg: bytes, limit: int) -> tuple[bytes, int] | None:
+        """Whole-block fast path: decode `seg` (which ends with CR LF) at C speed, or None.
+
+        Applies only at the beginning of a line and when every CR and LF of the data
+        up to the end marker pairs up as CR LF; then lines are exactly the CR LF
+        pieces, each begins a line, a leading dot is dropped and the first `.` line
+        ends the data — what `line()` would do line by line. Returns (decoded bytes,
+        index just past the end marker, or -1 when the data goes on). None: feed it
+        to `line()` instead (bare CR or LF, CR CR LF, not at the start of a line).
+        Raises LineTooLong for a line longer than `limit` (CR LF included) before the end.
+        """
+        if self.state != _BOL:
+            return None
+        if seg.startswith(b".\r\n"):
+            return b"", 3
+        e = seg.find(b"\r\n.\r\n")
+        data = seg if e < 0 else seg[: e + 2]
+        n = data.count(b"\r\n")
+        if data.count(b"\r") != n or data.count(b"\n") != n:
+            return None
+        if limit and len(data) > limit and max(map(len, data.split(b"\r\n"))) + 2 > limit:
+            raise LineTooLong
+        if data.startswith(b"."):
+            data = data[1:]
+        data = data.replace(b"\r\n.", b"\r\n")
+        return data, (-1 if e < 0 else e + 5)
+
     def _slow(self, line: bytes) -> tuple[bytes, bool]:
         out = bytearray()
         st = self.state

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
     from pymaddy.endpoints.smtp.endpoint import SMTPEndpoint
 
 
+# rDNS answers are reused for connections from the same IP for this long (seconds), as a caching
+# resolver would: a lookup is a worker-thread round trip per connection otherwise.
+RDNS_CACHE_TTL = 30.0
+RDNS_CACHE_MAX = 1024
+
+
 class _Close(Exception):
     pass
 
@@ -96,7 +102,8 @@ class Session:
             for ln in out:
                 self.log.debug("S: " + ln.rstrip())
         self.writer.write("".join(out).encode("utf-8"))
-        await asyncio.wait_for(self.writer.drain(), self.e.write_timeout)
+        async with asyncio.timeout(self.e.write_timeout):
+            await self.writer.drain()
 
     async def reply_err(self, err: SMTPError) -> None:
         await self.reply(err.code, err.enhanced, err.message)
@@ -106,9 +113,11 @@ class Session:
         try:
             if idle:
                 with self.conn.idle():
-                    line = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.e.read_timeout)
+                    async with asyncio.timeout(self.e.read_timeout):
+                        line = await self.reader.readuntil(b"\n")
             else:
-                line = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.e.read_timeout)
+                async with asyncio.timeout(self.e.read_timeout):
+                    line = await self.reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
             raise LineTooLong from None
         except asyncio.IncompleteReadError as e:
@@ -163,7 +172,11 @@ class Session:
                 self.remote_ip, self.remote_port = info.ip, info.port
                 self.is_unix = False
         if not self.is_unix:
-            self._rdns_task = asyncio.ensure_future(self._lookup_rdns())
+            hit = self.e.rdns_cache.get(self.remote_ip)
+            if hit is not None and hit[1] > self.loop.time():
+                self.rdns = hit[0]
+            else:
+                self._rdns_task = asyncio.ensure_future(self._lookup_rdns())
         await self.reply(220, None, f"{self.e.hostname} {'LMTP' if self.lmtp else 'ESMTP'} Service Ready")
         while True:
             raw = await self.readline(idle=True)
@@ -201,11 +214,19 @@ class Session:
         return False
 
     async def _lookup_rdns(self) -> None:
+        ip = self.remote_ip
         try:
-            host, _ = await asyncio.wait_for(self.loop.getnameinfo((self.remote_ip, 0), socket.NI_NAMEREQD), 5.0)
+            host, _ = await asyncio.wait_for(self.loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 5.0)
             self.rdns = host
+        except socket.gaierror:
+            self.rdns = ""  # an answer (no name): cached too
         except Exception:
             self.rdns = ""
+            return  # timeout or the like: not cached
+        cache = self.e.rdns_cache
+        if len(cache) >= RDNS_CACHE_MAX:
+            cache.clear()
+        cache[ip] = (self.rdns, self.loop.time() + RDNS_CACHE_TTL)
 
     def conn_info(self) -> ConnInfo:
         sslobj = self.writer.get_extra_info("ssl_object")
@@ -690,10 +711,25 @@ class Session:
         limit = self.e.max_line
         pending = b""
         while True:
-            block = await asyncio.wait_for(self.reader.read(65536), self.e.read_timeout)
+            async with asyncio.timeout(self.e.read_timeout):
+                block = await self.reader.read(65536)
             if not block:
                 raise _Close
             pending += block
+            # Whole blocks of plain CR LF lines at C speed; anything odd goes line by line.
+            cut = pending.rfind(b"\r\n") + 2
+            if cut > 1:
+                fast = dec.block(pending[:cut], limit)
+                if fast is not None:
+                    data, end = fast
+                    if data:
+                        mr.feed(data)
+                    if end >= 0:
+                        rest = pending[end:]
+                        if rest:
+                            self.reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                        return
+                    pending = pending[cut:]
             last = pending.rfind(b"\n")
             if last < 0:
                 if limit and len(pending) > limit:
@@ -707,10 +743,10 @@ class Session:
                 start = nl
                 if limit and len(line) > limit:
                     raise LineTooLong
-                data, end = dec.line(line)
+                data, end_ = dec.line(line)
                 if data:
                     mr.feed(data)
-                if end:
+                if end_:
                     rest = lines[start:] + pending
                     if rest:
                         self.reader._buffer[0:0] = rest  # type: ignore[attr-defined]
@@ -722,7 +758,8 @@ class Session:
         """Read a BDAT chunk in pieces (never all at once), feeding `sink` or dropping it."""
         left = size
         while left > 0:
-            piece = await asyncio.wait_for(self.reader.read(min(left, 65536)), self.e.read_timeout)
+            async with asyncio.timeout(self.e.read_timeout):
+                piece = await self.reader.read(min(left, 65536))
             if not piece:
                 raise _Close
             left -= len(piece)
