@@ -178,7 +178,7 @@ async def open_block(
     log = logger or Logger(debug=debug or bool(graph.globals.get("debug")))
     libexec = libexec or DEFAULT_LIBEXEC_DIR
     ctx = RuntimeContext(
-        options=RunOptions(config=config_path, debug=debug, libexec=libexec),
+        options=RunOptions(config=config_path, debug=debug, libexec=libexec, management=True),
         graph=graph,
         generation=0,
         logger=log,

@@ -86,6 +86,16 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
                    help="set APPENDLIMIT to this value (bytes); -1 removes it")
     p.set_defaults(func=run, action=cmd_appendlimit)
 
+    p = acct.add_parser("quota", help="Query or set the account's storage quota (pymaddy extension)",
+                        description="The quota is the most bytes the account may store; IMAP QUOTA (RFC 9208) "
+                                    "reports it, APPEND and COPY over it fail with [OVERQUOTA]. -1 removes it.")
+    add_globals(p)
+    _cfg_block(p)
+    p.add_argument("username", nargs="?", metavar="USERNAME")
+    p.add_argument("--value", "-value", "-v", dest="value", default=None,
+                   help="set the quota (bytes, or with a K/M/G suffix); -1 removes it")
+    p.set_defaults(func=run, action=cmd_quota)
+
 
 def _help(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace, str], int]:
     def show(ns: argparse.Namespace, config_path: str) -> int:
@@ -104,7 +114,7 @@ async def _with_storage(config_path: str, block: str, fn: Callable[[Any], Awaita
 
     try:
         async with open_block(config_path, block, IMAPSQL, what="an IMAP storage") as st:
-            # HOOK (IMAP issue): st.enable_update_pipe(push) so a running server sees the change.
+            # Changes reach a running server through the update pipe (IMAPSQL.publish).
             return await fn(st)
     except BlockError as e:
         raise CLIExit(e.message, e.code) from None
@@ -189,4 +199,24 @@ async def cmd_appendlimit(ns: argparse.Namespace, st: Any) -> int:
         print("No limit" if lim is None else lim)
         return 0
     await st.set_appendlimit(ns.username, None if ns.value == -1 else ns.value)
+    return 0
+
+
+async def cmd_quota(ns: argparse.Namespace, st: Any) -> int:
+    from pymaddy.config.values import parse_data_size
+    from pymaddy.storage.mailstore import get_quota, set_quota
+
+    _require_user(ns)
+    if ns.value is None:
+        q = await get_quota(st, ns.username)
+        print("No quota" if q is None else q)
+        return 0
+    if ns.value == "-1":
+        await set_quota(st, ns.username, None)
+        return 0
+    try:
+        value = parse_data_size([ns.value])
+    except ValueError as e:
+        raise CLIExit(f"invalid quota value: {e}", EXIT_USAGE) from None
+    await set_quota(st, ns.username, value)
     return 0

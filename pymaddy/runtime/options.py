@@ -17,3 +17,4 @@ class RunOptions:
     libexec: str = DEFAULT_LIBEXEC_DIR
     smtp_port: int | None = None  # -debug.smtpport: port target.remote connects to
     dns_override: str | None = None  # -debug.dnsoverride HOST:PORT for every DNS query
+    management: bool = False  # a management command (creds, imap-msgs…), not the server

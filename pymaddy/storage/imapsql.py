@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 from pymaddy.auth.normalize import NormalizeError
 from pymaddy.auth.normalize import get as get_normalizer
 from pymaddy.mail.errors import SMTPError, internal_error
-from pymaddy.mail.message import Body, Header, MsgMeta
+from pymaddy.mail.message import Body, Header, MsgMeta, random_hex
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget, PartialDelivery, StatusCallback
 from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
-from pymaddy.storage.blob_fs import BlobWriter, FSBlobStore, NoSuchBlob, new_key
+from pymaddy.storage import updatepipe
+from pymaddy.storage.blob_fs import BlobWriter, FSBlobStore, NoSuchBlob
+from pymaddy.storage.compress import Codec, codec, decompress
 from pymaddy.storage.sqlitedb import SQLiteDB
 from pymaddy.storage.sqlschema import SchemaError, now
 from pymaddy.tables.base import Table
@@ -62,6 +64,13 @@ CHUNK = 256 * 1024
 # blob store, their file fsyncs batched before the same COMMIT.
 INLINE_MAX_DEFAULT = 64 * 1024
 INLINE_MAX = INLINE_MAX_DEFAULT
+# resolve_recipient keeps found accounts this long (seconds): RCPT needs no query per message. Only the
+# RCPT answer relies on it — the commit finds the account by name again inside its transaction — and this
+# process's own remove/set calls and `account_removed` updates (also those another process pushes through
+# the update pipe) drop the entry at once; any other removal by another process is seen within this time
+# (until then RCPT is accepted and DATA answered 501 5.1.1). Unknown names are not cached.
+ACCOUNT_CACHE_TTL = 1.0
+ACCOUNT_CACHE_MAX = 4096
 ORPHAN_MIN_AGE = 3600.0  # blob files without a row are swept only when older than this
 MAINTENANCE_INTERVAL = 5 * 3600.0  # maddy/go-imap-sql run `PRAGMA optimize` every 5 hours
 
@@ -81,6 +90,13 @@ class AccountExists(StorageError):
 class AccountNotFound(StorageError):
     def __init__(self) -> None:
         super().__init__("imap: user doesn't exists")
+
+
+class _AccountsGone(StorageError):
+    """Delivery commit: no recipient's account exists any more (removed since RCPT)."""
+
+    def __init__(self) -> None:
+        super().__init__("imapsql: recipient accounts removed since RCPT")
 
 
 class MailboxExists(StorageError):
@@ -145,7 +161,8 @@ class MessageInfo:
 class Update:
     """A change IMAP sessions must learn about (published after the commit).
 
-    kind: "message" (new message `uid` in `mailbox`), "mailbox" (created), "account_removed".
+    kind: "message" (new message `uid` in `mailbox`), "mailbox" (created, deleted or renamed),
+    "changed" (messages added, flagged or expunged), "account_removed".
     """
 
     kind: str
@@ -209,6 +226,24 @@ def _create_account(conn: sqlite3.Connection, name: str, special: Iterable[tuple
     return Account(cur.lastrowid, name, None)
 
 
+def _inbox_by_account_name(conn: sqlite3.Connection, account: str) -> int | None:
+    """The INBOX id of the account that has this name now (not a possibly stale account id)."""
+    r = conn.execute(
+        "SELECT b.id FROM accounts a JOIN mailboxes b ON b.account_id = a.id WHERE a.name = ? AND b.name = ?",
+        (account, INBOX),
+    ).fetchone()
+    return int(r[0]) if r else None
+
+
+# UPDATE … RETURNING needs SQLite 3.35; older libraries take the three-statement path.
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_INBOX_NEXT_UID = (
+    "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
+    "WHERE id = (SELECT b.id FROM accounts a JOIN mailboxes b ON b.account_id = a.id WHERE a.name = ? AND b.name = ?) "
+    "RETURNING id, uidnext - 1, highestmodseq"
+)
+
+
 def _mailbox_id(conn: sqlite3.Connection, account_id: int, name: str) -> int | None:
     r = conn.execute("SELECT id FROM mailboxes WHERE account_id = ? AND name = ?", (account_id, name)).fetchone()
     return int(r[0]) if r else None
@@ -260,10 +295,10 @@ def _dead_blobs(conn: sqlite3.Connection) -> list[str]:
 
 def _blob_content(conn: sqlite3.Connection, store: FSBlobStore, key: str) -> bytes:
     """A blob's bytes: from the index when stored inline (blobs.data), else from the blob store."""
-    r = conn.execute("SELECT data FROM blobs WHERE key = ?", (key,)).fetchone()
-    if r is not None and r[0] is not None:
-        return bytes(r[0])
-    return store.get_sync(key)
+    r = conn.execute("SELECT data, compression FROM blobs WHERE key = ?", (key,)).fetchone()
+    if r is None:
+        return store.get_sync(key)
+    return decompress(r[1], bytes(r[0]) if r[0] is not None else store.get_sync(key))
 
 
 # -- the module -----------------------------------------------------------------------------------
@@ -281,6 +316,11 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         limit = s.get("appendlimit")
         self.appendlimit: int | None = None if limit is None or limit < 0 else int(limit)
         self.disable_recent = bool(s.get("disable_recent", True))
+        comp = s.get("compression")
+        try:
+            self.codec: Codec | None = codec(getattr(comp, "algo", "off"), getattr(comp, "level", None))
+        except (ValueError, ImportError) as e:
+            raise ModuleError(f"imapsql: compression: {e}") from None
         try:
             self._delivery_norm = get_normalizer(s.get("delivery_normalize") or "precis_casefold_email")
             self._auth_norm = get_normalizer(s.get("auth_normalize") or "auto")
@@ -295,6 +335,10 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         self.db: SQLiteDB | None = None
         self.group_window: float | None = None  # tests may tune; None = sqlitedb default
         self._sinks: list[UpdateSink] = []
+        self._acct_cache: dict[str, tuple[Account, float]] = {}  # key -> (account, expiry); see ACCOUNT_CACHE_TTL
+        self._norm_cache: dict[str, str] = {}  # recipient -> delivery_normalize(recipient) (a pure function)
+        self._acct_cache_unsub: Callable[[], None] | None = None
+        self._listener: updatepipe.Listener | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
     def log_name(self) -> str:
@@ -325,10 +369,6 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             self.log.msg("auth_map in storage.imapsql is deprecated and will be removed in the next release, "
                          "use storage_map in imap config instead")
             self.auth_map = self._table(self._auth_map_inst)
-        comp = self.settings.get("compression")
-        if comp is not None and getattr(comp, "algo", "off") != "off":
-            self.log.msg("compression is not implemented yet, messages are stored uncompressed",
-                         algo=comp.algo)
         if self.settings.get("imap_filter") is not None:
             self.log.msg("imap_filter is not implemented yet and is ignored")  # hook: filter in body()
         db = SQLiteDB(self.db_path(), int(self.settings.get("sqlite3_busy_timeout") or 5000),
@@ -342,6 +382,14 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         if old != new:
             self.log.debug("database schema migrated", path=db.path, **{"from": old, "to": new})
         self.db = db
+        if not self.ctx.options.management and self.ctx.runtime_dir:
+            listener = updatepipe.Listener(self.update_socket_path(), self._on_remote_update)
+            try:
+                await listener.start()
+                self._listener = listener
+            except OSError as e:
+                self.log.error("cannot listen for updates from other processes", err=e,
+                               path=self.update_socket_path())
         self._spawn(self.collect_garbage())
         self._spawn(self._maintenance())
 
@@ -354,6 +402,9 @@ class IMAPSQL(Module, DeliveryTarget, Table):
     async def stop(self) -> None:
         for t in list(self._bg):
             t.cancel()
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         db, self.db = self.db, None
         if db is not None:
             await asyncio.to_thread(db.close, 0.9)
@@ -390,18 +441,24 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         return lambda: self._sinks.remove(sink) if sink in self._sinks else None
 
     def publish(self, updates: Iterable[Update]) -> None:
-        """Hand committed updates to local subscribers.
+        """Hand committed updates to local subscribers and, from a management command, to the
+        server process through the update pipe (pymaddy/storage/updatepipe.py)."""
+        updates = list(updates)
+        if self.ctx.options.management and updates:
+            updatepipe.push(self.update_socket_path(), updates)
+        self._deliver_local(updates)
 
-        HOOK (IMAP issue): also push them to other processes through the update
-        pipe at `update_socket_path()` (maddy's updatepipe.UnixSockPipe, one
-        line per update) and feed updates received there to the local sinks.
-        """
+    def _deliver_local(self, updates: Iterable[Update]) -> None:
         for u in updates:
             for sink in list(self._sinks):
                 try:
                     sink(u)
                 except Exception as e:
                     self.log.error("update subscriber failed", err=e)
+
+    def _on_remote_update(self, obj: dict[str, Any]) -> None:
+        self._deliver_local([Update(str(obj["kind"]), str(obj["account"]), str(obj.get("mailbox") or ""),
+                                    int(obj.get("uid") or 0))])
 
     def update_socket_path(self) -> str:
         """RUNTIME/sql-<sha1 hex of DSN>.sock, where maddy's processes exchange updates for this DB."""
@@ -465,7 +522,11 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             _remove_refs(c, "b.account_id = ?", (acct.id,))
             c.execute("DELETE FROM accounts WHERE id = ?", (acct.id,))
 
-        await self._db().write(job)
+        self._acct_cache.pop(key, None)
+        try:
+            await self._db().write(job)
+        finally:
+            self._acct_cache.pop(key, None)
         self.publish([Update("account_removed", key)])
         await self.collect_garbage(orphans=False)
 
@@ -483,6 +544,7 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             c.execute("UPDATE accounts SET appendlimit = ? WHERE id = ?", (value, acct.id))
 
         await self._db().write(job)
+        self._acct_cache.pop(key, None)
 
     # -- mailboxes and messages (read side, used by tests and later by IMAP) -----------------------------
 
@@ -600,11 +662,18 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         return IMAPSQLDelivery(self, meta, mail_from)
 
     async def resolve_recipient(self, rcpt: str) -> Account:
-        """maddy's deliveryNormalize + GetUser: the account for a recipient, or 501 5.1.1."""
-        try:
-            name = self._delivery_norm(rcpt)
-        except NormalizeError as e:
-            raise user_does_not_exist(str(e)) from None
+        """maddy's deliveryNormalize + GetUser: the account for a recipient, or 501 5.1.1.
+
+        Found accounts are cached for ACCOUNT_CACHE_TTL (see there); the commit re-checks by name."""
+        name = self._norm_cache.get(rcpt)
+        if name is None:
+            try:
+                name = self._delivery_norm(rcpt)
+            except NormalizeError as e:
+                raise user_does_not_exist(str(e)) from None
+            if len(self._norm_cache) >= ACCOUNT_CACHE_MAX:
+                self._norm_cache.clear()
+            self._norm_cache[rcpt] = name
         if self.delivery_map is not None:
             try:
                 mapped = await self.delivery_map.lookup(name)
@@ -614,13 +683,28 @@ class IMAPSQL(Module, DeliveryTarget, Table):
                 raise user_does_not_exist()
             name = mapped
         key = account_key(name)
+        if self._acct_cache_unsub is None:
+            # removals published here or (through the update pipe) by another process drop the entry at once
+            self._acct_cache_unsub = self.subscribe(self._acct_cache_update)
+        cached = self._acct_cache.get(key)
+        t = time.monotonic()
+        if cached is not None and cached[1] > t:
+            return cached[0]
         try:
             acct = await self._db().read(lambda c: _get_account(c, key))
         except Exception as e:
             raise _storage_smtp_error(e) from None
         if acct is None:
+            self._acct_cache.pop(key, None)
             raise user_does_not_exist()
+        if len(self._acct_cache) >= ACCOUNT_CACHE_MAX:
+            self._acct_cache.clear()
+        self._acct_cache[key] = (acct, t + ACCOUNT_CACHE_TTL)
         return acct
+
+    def _acct_cache_update(self, u: Update) -> None:
+        if u.kind == "account_removed":
+            self._acct_cache.pop(u.account, None)
 
 
 @dataclass
@@ -663,12 +747,13 @@ class IMAPSQLDelivery(PartialDelivery):
         # HOOK (imap_filter): run the filters per recipient here unless quarantined.
         sender = self.mail_from.replace("\r", "").replace("\n", "")
         head = b"Return-Path: <" + sender.encode("utf-8") + b">\r\n" + header.to_bytes() + b"\r\n"
-        key = new_key()
+        key = random_hex(16)  # blob_fs.new_key's form (128 bits, hex), from a buffered urandom pool
         db.expect()
         self._expecting = True
         try:
             if len(head) + body.size <= INLINE_MAX:
-                data = head + await asyncio.to_thread(body.read_all)
+                # an in-memory body is read without a thread hop; a spooled one in a worker thread
+                data = head + (body.read_all() if body.path is None else await asyncio.to_thread(body.read_all))
                 self.blob = _Body(key, len(data), data=data)
                 return
             size = await asyncio.to_thread(_write_blob, blobs, key, head, body)
@@ -702,7 +787,7 @@ class IMAPSQLDelivery(PartialDelivery):
         store = self.store
         db, blobs = store._db(), store._store()
         blob = self.blob
-        targets = [(name, r.account.id) for name, r in self.rcpts.items()]
+        targets = list(self.rcpts)
         quarantine = self.meta.quarantine
         junk = store.junk_mailbox
         recent = 0 if store.disable_recent else 1
@@ -715,27 +800,44 @@ class IMAPSQLDelivery(PartialDelivery):
             if not inline and not os.path.exists(blob_path):
                 raise StorageError(f"imapsql: message blob {blob.key} vanished before commit")
             ts = now()
-            c.execute("INSERT INTO blobs (key, size, refs, data) VALUES (?, ?, 0, ?)",
-                      (blob.key, blob.size, blob.data))
+            # refs counts the messages below; corrected at the end if an account went away meanwhile
+            c.execute("INSERT INTO blobs (key, size, refs, data) VALUES (?, ?, ?, ?)",
+                      (blob.key, blob.size, len(targets), blob.data))
             updates: list[Update] = []
-            for name, account_id in targets:
+            # The account is looked up by name here, in the transaction: the Account seen at RCPT may be
+            # from resolve_recipient's cache, and an account removed and created again can have another id
+            # (or its old id can belong to another account now).
+            for name in targets:
                 if quarantine:
-                    mbox_id, mbox = _junk_mailbox(c, account_id, junk)
+                    acct = _get_account(c, name)
+                    mbox_id, mbox = _junk_mailbox(c, acct.id, junk) if acct is not None else (0, "")
+                    if not mbox_id:
+                        continue  # the account went away since RCPT
+                    uid, modseq = _next_uid(c, mbox_id)
+                elif _RETURNING:
+                    # INBOX lookup by account name and UID/MODSEQ allocation in one statement
+                    r = c.execute(_INBOX_NEXT_UID, (name, INBOX)).fetchall()
+                    if not r:
+                        continue  # the account went away since RCPT
+                    mbox_id, uid, modseq = r[0]
+                    mbox = INBOX
                 else:
-                    mbox_id, mbox = _mailbox_id(c, account_id, INBOX) or 0, INBOX
-                if not mbox_id:
-                    continue  # the account went away since RCPT
-                uid, modseq = _next_uid(c, mbox_id)
+                    mbox_id, mbox = _inbox_by_account_name(c, name) or 0, INBOX
+                    if not mbox_id:
+                        continue  # the account went away since RCPT
+                    uid, modseq = _next_uid(c, mbox_id)
                 prefix = b"Delivered-To: " + name.encode("utf-8") + b"\r\n"
                 c.execute(
                     "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (mbox_id, uid, modseq, ts, blob.size + len(prefix), blob.key, prefix, recent),
                 )
-                c.execute("UPDATE blobs SET refs = refs + 1 WHERE key = ?", (blob.key,))
                 updates.append(Update("message", name, mbox, uid))
             if not updates:
-                c.execute("DELETE FROM blobs WHERE key = ?", (blob.key,))
+                # every recipient's account went away since RCPT: refuse rather than answer 250 for nothing
+                raise _AccountsGone()
+            if len(updates) != len(targets):
+                c.execute("UPDATE blobs SET refs = ? WHERE key = ?", (len(updates), blob.key))
             return updates
 
         self._expecting = False
@@ -752,11 +854,14 @@ class IMAPSQLDelivery(PartialDelivery):
                 updates = await db.write(job, expected=True)
             else:
                 updates = await db.write(job, sync=(blobs,), expected=True, files=(fsync_blob,))
+        except _AccountsGone as e:
+            # the job's savepoint was rolled back: no row refers to the blob file
+            if not inline:
+                with contextlib.suppress(OSError, ValueError):
+                    await blobs.delete([blob.key])
+            raise user_does_not_exist(str(e)) from None
         except BaseException as e:
             raise _storage_smtp_error(e) from None
-        if not updates and not inline:
-            with contextlib.suppress(OSError, ValueError):
-                await blobs.delete([blob.key])
         store.publish(updates)
 
     async def abort(self) -> None:

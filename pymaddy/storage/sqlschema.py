@@ -97,7 +97,13 @@ _V3 = [
     "DROP TABLE flags",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+# Version 4: an optional storage quota per account (bytes; NULL = none), reported by IMAP QUOTA
+# (RFC 9208) and enforced on APPEND and delivery.
+_V4 = [
+    "ALTER TABLE accounts ADD COLUMN quota {bigint}",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -416,4 +416,4 @@ def test_schema_v1_database_is_migrated_and_its_blobs_still_read(tmp_path: Path)
 
     run(tmp_path, t)
     assert _db_check(tmp_path / "imapsql.db") == ("ok", 0, SCHEMA_VERSION)
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
