@@ -14,6 +14,7 @@ RUNTIMES: dict[str, str] = {
     "smtp": "pymaddy.endpoints.smtp:SMTPEndpoint",
     "submission": "pymaddy.endpoints.smtp:SMTPEndpoint",
     "lmtp": "pymaddy.endpoints.smtp:SMTPEndpoint",
+    "imap": "pymaddy.endpoints.imap.endpoint:IMAPEndpoint",
     # pipeline and groups
     "msgpipeline": "pymaddy.pipeline.msgpipeline:MsgPipeline",
     "checks": "pymaddy.pipeline.groups:CheckGroup",

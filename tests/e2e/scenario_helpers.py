@@ -117,6 +117,11 @@ submission tls://127.0.0.1:{subtls} tcp://127.0.0.1:{sub} {{
 lmtp tcp://127.0.0.1:{lmtp} {{
     deliver_to &local_mailboxes
 }}
+
+imap tls://127.0.0.1:{imaps} tcp://127.0.0.1:{imap} {{
+    auth &local_authdb
+    storage &local_mailboxes
+}}
 """
 
 
@@ -140,10 +145,11 @@ class MailEnv:
     def state(self) -> Path:
         return self.tmp / "state"
 
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 30, input_: str | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYMADDY_ALLOW_ROOT="1")
         return subprocess.run(
             [sys.executable, "-m", "pymaddy", "-config", str(self.conf), *args],
+            input=input_,
             capture_output=True,
             text=True,
             env=env,
@@ -187,7 +193,7 @@ class MailEnv:
 
 def make_env(tmp: Path, *, rate: int = 20) -> MailEnv:
     """Write the config and aliases, create the credentials and IMAP accounts with the CLI."""
-    ports = {k: free_port() for k in ("mx", "sub", "subtls", "lmtp")}
+    ports = {k: free_port() for k in ("mx", "sub", "subtls", "lmtp", "imap", "imaps")}
     (tmp / "aliases").write_text(ALIASES)
     conf = tmp / "maddy.conf"
     conf.write_text(CONFIG.format(tmp=tmp, rate=rate, **ports))

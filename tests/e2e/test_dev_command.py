@@ -1,6 +1,6 @@
 """The README's first command: `pymaddy dev` serves the development config with its demo account.
 
-It uses the fixed development ports (10025, 10587, 10465, 9749) and `.dev/` in the
+It uses the fixed development ports (10025, 10587, 10465, 10143, 10993, 9749) and `.dev/` in the
 checkout, exactly as a developer gets them; the test skips if those ports are taken.
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.harness import ROOT
 
-PORTS = (10025, 10587, 10465, 9749)
+PORTS = (10025, 10587, 10465, 10143, 10993, 9749)
 
 
 def _port_free(port: int) -> bool:
@@ -87,6 +87,15 @@ def test_pymaddy_dev_serves_demo_account() -> None:
             with pytest.raises(smtplib.SMTPAuthenticationError) as err:
                 c.login("demo@pymaddy.test", "wrong")
             assert err.value.smtp_code == 535
+        # The demo user reads both messages over IMAPS.
+        import imaplib
+
+        with imaplib.IMAP4_SSL("127.0.0.1", 10993, ssl_context=tls, timeout=10) as im:
+            im.login("demo@pymaddy.test", "demo")
+            typ, data = im.select("INBOX")
+            assert typ == "OK" and data == [b"2"]
+            typ, found = im.search(None, "SUBJECT", "hi")
+            assert found == [b"1"]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -1,0 +1,1 @@
+"""The imap endpoint: an IMAP4rev1 server over storage.imapsql."""

@@ -1,0 +1,304 @@
+"""FETCH, SEARCH, SORT and THREAD for a session (RFC 3501 §6.4, RFC 5256, RFC 7162).
+
+Message text is read only when an item needs it: FLAGS/UID/sizes come from the
+index row, ENVELOPE and HEADER.FIELDS from the cached header, and only body
+sections and a first BODYSTRUCTURE parse the whole message. What is parsed is
+remembered in the row (`messages.header/envelope/bodystructure`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pymaddy.imap import search as S
+from pymaddy.imap import thread as T
+from pymaddy.imap import wire
+from pymaddy.imap.message import ParsedMessage, decode_header, envelope_from_header, header_fields, sort_info
+from pymaddy.imap.types import FetchItem, FetchRequest, Section
+from pymaddy.storage.mailstore import Msg, split_header
+
+if TYPE_CHECKING:
+    from pymaddy.endpoints.imap.session import Session, View
+
+META_BATCH = 2000
+CONTENT_BATCH = 100
+FLUSH_AT = 256 * 1024
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def internaldate(ts: int) -> str:
+    d = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return f'"{d.day:02d}-{_MONTHS[d.month - 1]}-{d.year:04d} {d.hour:02d}:{d.minute:02d}:{d.second:02d} +0000"'
+
+
+def _batches(uids: Sequence[int], n: int) -> Iterator[Sequence[int]]:
+    for i in range(0, len(uids), n):
+        yield uids[i: i + n]
+
+
+def _needs(items: list[FetchItem]) -> tuple[bool, bool]:
+    """(full text, header) the items need beyond the index row."""
+    content = header = False
+    for it in items:
+        if it.name in ("RFC822", "RFC822.TEXT", "BODYSTRUCTURE", "BODY"):
+            content = True
+        elif it.name in {"RFC822.HEADER", "ENVELOPE"}:
+            header = True
+        elif it.section is not None:
+            sec = it.section
+            if sec.part or sec.specifier in ("", "TEXT", "MIME"):
+                content = True
+            else:
+                header = True
+    return content, header
+
+
+def _sets_seen(items: list[FetchItem]) -> bool:
+    return any(it.name in ("RFC822", "RFC822.TEXT") or (it.section is not None and not it.peek) for it in items)
+
+
+async def fetch(sess: Session, v: View, uids: list[int], req: FetchRequest, by_uid: bool) -> None:
+    st = sess._acct()
+    items = list(req.items)
+    names = {it.name for it in items}
+    if by_uid and "UID" not in names:
+        items.insert(0, FetchItem("UID"))
+    if req.changedsince is not None and "MODSEQ" not in names:
+        items.append(FetchItem("MODSEQ"))
+    content, header = _needs(items)
+    if _sets_seen(items) and not v.readonly:
+        unseen = [m.uid for m in await st.fetch(v.mailbox_id, uids) if "\\Seen" not in m.flags]
+        if unseen:
+            changed, _ = await st.store_flags(v.mailbox_id, unseen, "+", ["\\Seen"])
+            for _uid, _fl, ms in changed:
+                v.own_modseqs.add(ms)
+            if "FLAGS" not in names:
+                items.append(FetchItem("FLAGS"))
+    batch = CONTENT_BATCH if content else META_BATCH
+    for part in _batches(uids, batch):
+        rows = await st.fetch(v.mailbox_id, part, content=content, header=header)
+        caches: list[tuple[int, bytes | None, str | None, str | None]] = []
+        for m in rows:
+            if req.changedsince is not None and m.modseq <= req.changedsince:
+                continue
+            seq = v.seq_of(m.uid)
+            if not seq:
+                continue
+            out = _render(sess, v, m, items, caches)
+            sess.send(b"* %d FETCH (" % seq + b" ".join(out) + b")")
+        if caches:
+            await st.save_caches(caches)
+        if sum(len(b) for b in sess.stream.out) > FLUSH_AT:
+            await sess.flush()
+
+
+def _render(sess: Session, v: View, m: Msg, items: list[FetchItem],
+            caches: list[tuple[int, bytes | None, str | None, str | None]]) -> list[bytes]:
+    parsed: ParsedMessage | None = None
+    hdr = m.header
+    new_hdr = new_env = new_bs = None
+
+    def message() -> ParsedMessage:
+        nonlocal parsed
+        if parsed is None:
+            parsed = ParsedMessage.parse(m.data or b"")
+        return parsed
+
+    def header_bytes() -> bytes:
+        nonlocal hdr, new_hdr
+        if hdr is None:
+            hdr = new_hdr = split_header(m.data or b"")
+        return hdr
+
+    out: list[bytes] = []
+    for it in items:
+        n = it.name
+        if n == "UID":
+            out.append(b"UID %d" % m.uid)
+        elif n == "FLAGS":
+            fl = list(m.flags)
+            if m.uid in v.recent:
+                fl.append("\\Recent")
+            out.append(("FLAGS (" + " ".join(fl) + ")").encode())
+        elif n == "INTERNALDATE":
+            out.append(b"INTERNALDATE " + internaldate(m.internaldate).encode())
+        elif n == "RFC822.SIZE":
+            out.append(b"RFC822.SIZE %d" % m.size)
+        elif n == "MODSEQ":
+            out.append(b"MODSEQ (%d)" % m.modseq)
+        elif n == "ENVELOPE":
+            env = m.envelope
+            if env is None:
+                env = new_env = envelope_from_header(header_bytes()).decode("utf-8", "surrogateescape")
+            out.append(b"ENVELOPE " + env.encode("utf-8", "surrogateescape"))
+        elif n == "BODYSTRUCTURE":
+            bs = m.bodystructure
+            if bs is None:
+                bs = new_bs = message().bodystructure(True).decode("utf-8", "surrogateescape")
+            out.append(b"BODYSTRUCTURE " + bs.encode("utf-8", "surrogateescape"))
+        elif n == "BODY" and it.section is None:
+            out.append(b"BODY " + message().bodystructure(False))
+        elif n == "RFC822":
+            out.append(b"RFC822 " + wire.literal(m.data or b""))
+        elif n == "RFC822.HEADER":
+            out.append(b"RFC822.HEADER " + wire.literal(header_bytes()))
+        elif n == "RFC822.TEXT":
+            data = m.data or b""
+            out.append(b"RFC822.TEXT " + wire.literal(data[len(split_header(data)):]))
+        elif it.section is not None:
+            data_: bytes | None = _section(it.section, header_bytes, message)
+            if data_ is not None and it.partial is not None:
+                start, length = it.partial
+                data_ = data_[start: start + length]
+            name = it.response_name().encode()
+            out.append(name + b" " + (b"NIL" if data_ is None else wire.literal(data_)))
+    if new_hdr is not None or new_env is not None or new_bs is not None:
+        caches.append((m.id, new_hdr, new_env, new_bs))
+    return out
+
+
+def _section(sec: Section, header: Any, message: Any) -> bytes | None:
+    if not sec.part:
+        if sec.specifier == "HEADER":
+            return bytes(header())
+        if sec.specifier in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+            return header_fields(header(), set(sec.fields), sec.specifier.endswith(".NOT"))
+    result: bytes | None = message().section(sec)
+    return result
+
+
+# -- SEARCH -------------------------------------------------------------------------------------------
+
+
+_FIELD_RES: dict[str, re.Pattern[bytes]] = {}
+
+
+def _field_re(name: str) -> re.Pattern[bytes]:
+    """Every occurrence of a header field with its folded continuation lines (RFC 5322 §2.2.3)."""
+    rx = _FIELD_RES.get(name)
+    if rx is None:
+        rx = re.compile(rb"(?im)^" + re.escape(name.encode("ascii", "replace")) + rb"[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)")
+        if len(_FIELD_RES) < 256:
+            _FIELD_RES[name] = rx
+    return rx
+
+
+class _Target:
+    """A message as the SEARCH evaluator sees it; header and body are parsed on first use."""
+
+    __slots__ = ("_full", "_hdr", "_m", "flags", "internaldate", "modseq", "recent", "seq", "size", "uid")
+
+    def __init__(self, seq: int, m: Msg, recent: bool) -> None:
+        self.seq = seq
+        self.uid = m.uid
+        self.flags = frozenset(m.flags) | ({"\\Recent"} if recent else frozenset())
+        self.size = m.size
+        self.internaldate = float(m.internaldate)
+        self.modseq = m.modseq
+        self.recent = recent
+        self._m = m
+        self._hdr: ParsedMessage | None = None
+        self._full: ParsedMessage | None = None
+
+    def _header_msg(self) -> ParsedMessage:
+        if self._hdr is None:
+            h = self._m.header if self._m.header is not None else split_header(self._m.data or b"")
+            self._hdr = ParsedMessage.parse(h)
+        return self._hdr
+
+    def _full_msg(self) -> ParsedMessage:
+        if self._full is None:
+            self._full = ParsedMessage.parse(self._m.data or b"")
+        return self._full
+
+    def header_values(self, name: str) -> list[str]:
+        # A regex scan of the raw header instead of a MIME parse: SEARCH reads one or two fields of
+        # every message, and this is what keeps a header search of a large mailbox fast.
+        h = self._m.header if self._m.header is not None else split_header(self._m.data or b"")
+        return [decode_header(v.strip()) for v in _field_re(name).findall(h)]
+
+    def sent_date(self) -> datetime.date | None:
+        info = sort_info(self._m.header if self._m.header is not None else split_header(self._m.data or b""))
+        if info.date is None:
+            return None
+        return datetime.datetime.fromtimestamp(info.date, datetime.UTC).date()
+
+    def body_text(self) -> str:
+        return self._full_msg().search_text(header=False, body=True)
+
+    def full_text(self) -> str:
+        return self._full_msg().search_text(header=True, body=True)
+
+
+async def _candidates(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
+    need = S.needs(key)
+    rows = await sess._acct().fetch(v.mailbox_id, None, content="body" in need, header="header" in need)
+    out = []
+    for m in rows:
+        seq = v.seq_of(m.uid)
+        if seq:
+            out.append((seq, m))
+    return out
+
+
+async def _matching(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
+    rows = await _candidates(sess, v, key)
+    largest_seq = len(v.uids)
+    largest_uid = v.uids[-1] if v.uids else 0
+    caches: list[tuple[int, bytes | None, str | None, str | None]] = []
+    out = []
+    for seq, m in rows:
+        if S.matches(key, _Target(seq, m, m.uid in v.recent), largest_seq, largest_uid):
+            out.append((seq, m))
+        if m.header is None and m.data is not None:
+            caches.append((m.id, split_header(m.data), None, None))
+    if caches:
+        await sess._acct().save_caches(caches)
+    return out
+
+
+async def search(sess: Session, v: View, key: Any, by_uid: bool) -> list[int]:
+    return [m.uid if by_uid else seq for seq, m in await _matching(sess, v, key)]
+
+
+def uses_modseq(key: Any) -> bool:
+    """RFC 7162 §3.1.5: a SEARCH with MODSEQ answers with the highest mod-sequence of the result."""
+    return "MODSEQ" in repr(key).upper()
+
+
+async def max_modseq(sess: Session, v: View, ids: list[int], by_uid: bool) -> int:
+    uids = ids if by_uid else [v.uids[i - 1] for i in ids if 0 < i <= len(v.uids)]
+    rows = await sess._acct().fetch(v.mailbox_id, uids)
+    return max((m.modseq for m in rows), default=0)
+
+
+def _thread_msgs(v: View, rows: list[tuple[int, Msg]], by_uid: bool) -> list[T.ThreadMsg]:
+    out = []
+    for seq, m in rows:
+        h = m.header if m.header is not None else split_header(m.data or b"")
+        out.append(T.ThreadMsg(m.uid if by_uid else seq, sort_info(h), float(m.internaldate), m.size))
+    return out
+
+
+async def sort(sess: Session, v: View, criteria: list[tuple[str, bool]], key: Any, by_uid: bool) -> list[int]:
+    rows = await _matching_with_headers(sess, v, key)
+    return T.sort_ids(_thread_msgs(v, rows, by_uid), criteria)
+
+
+async def thread(sess: Session, v: View, algorithm: str, key: Any, by_uid: bool) -> bytes:
+    rows = await _matching_with_headers(sess, v, key)
+    msgs = _thread_msgs(v, rows, by_uid)
+    threads = T.thread_references(msgs) if algorithm == "REFERENCES" else T.thread_orderedsubject(msgs)
+    return T.format_threads(threads)
+
+
+async def _matching_with_headers(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
+    rows = await _matching(sess, v, key)
+    missing = [m.uid for _, m in rows if m.header is None and m.data is None]
+    if missing:
+        full = {m.uid: m for m in await sess._acct().fetch(v.mailbox_id, missing, header=True)}
+        rows = [(seq, full.get(m.uid, m)) for seq, m in rows]
+    return rows
