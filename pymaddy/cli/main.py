@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pymaddy import MADDY_COMPAT, __version__
 
@@ -21,6 +21,11 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        # Go's flag parser takes no abbreviations; without this, `-d` would be an ambiguous prefix of
+        # `-debug…` (allow_abbrev=False does not cover single-dash options on 3.11).
+        return []
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         sys.stderr.write(f"Error: {message}\n")
@@ -52,6 +57,8 @@ COMMAND_MODULES = {
     "creds": "pymaddy.cli.creds",
     "hash": "pymaddy.cli.hash",
     "imap-acct": "pymaddy.cli.imap_acct",
+    "imap-mboxes": "pymaddy.cli.imap_mboxes",
+    "imap-msgs": "pymaddy.cli.imap_msgs",
     "dev": "pymaddy.cli.dev",
 }
 CORE_COMMANDS = frozenset({"run", "check-config", "verify-config", "version", "help"})
