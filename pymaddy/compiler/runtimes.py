@@ -45,6 +45,8 @@ RUNTIMES: dict[str, str] = {
     "storage.imapsql": "pymaddy.storage.imapsql:IMAPSQL",
     "target.imapsql": "pymaddy.storage.imapsql:IMAPSQL",
     "storage.blob.fs": "pymaddy.storage.blob_fs:FSBlobStore",
+    "imap.filter.command": "pymaddy.storage.imapfilter:CommandFilter",
+    "imap_filters": "pymaddy.storage.imapfilter:FilterGroup",
     # TLS
     "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
     "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",

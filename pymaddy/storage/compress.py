@@ -8,13 +8,23 @@ its standard frames, so the stored bytes are what the `lz4`/`zstd` tools read.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+
+
+class Stream(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
 
 
 class Codec(Protocol):
     name: str
 
     def compress(self, data: bytes) -> bytes: ...
+
+    def stream(self) -> Stream:
+        """A compressor for a message written in chunks (large messages go to blob files that way)."""
+        ...
 
 
 class _LZ4:
@@ -30,6 +40,9 @@ class _LZ4:
         out: bytes = self._mod.compress(data, compression_level=self.level)
         return out
 
+    def stream(self) -> Stream:
+        return _LZ4Stream(self._mod.LZ4FrameCompressor(compression_level=self.level))
+
 
 class _Zstd:
     name = "zstd"
@@ -41,6 +54,38 @@ class _Zstd:
 
     def compress(self, data: bytes) -> bytes:
         return self._c.compress(data)
+
+    def stream(self) -> Stream:
+        obj = self._c.compressobj()
+        return _ZstdStream(obj)
+
+
+class _LZ4Stream:
+    def __init__(self, c: Any) -> None:
+        self._c = c
+        self._started = False
+
+    def compress(self, data: bytes) -> bytes:
+        head = b""
+        if not self._started:
+            head, self._started = self._c.begin(), True
+        return head + bytes(self._c.compress(data))
+
+    def flush(self) -> bytes:
+        head = b"" if self._started else self._c.begin()
+        self._started = True
+        return head + bytes(self._c.flush())
+
+
+class _ZstdStream:
+    def __init__(self, c: Any) -> None:
+        self._c = c
+
+    def compress(self, data: bytes) -> bytes:
+        return bytes(self._c.compress(data))
+
+    def flush(self) -> bytes:
+        return bytes(self._c.flush())
 
 
 def codec(algo: str, level: int | None = None) -> Codec | None:

@@ -32,7 +32,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
 from pymaddy.storage import updatepipe
 from pymaddy.storage.blob_fs import BlobWriter, FSBlobStore, NoSuchBlob
 from pymaddy.storage.compress import Codec, codec, decompress
+from pymaddy.storage.imapfilter import FilterInput, FilterResult, IMAPFilter
 from pymaddy.storage.sqlitedb import SQLiteDB
 from pymaddy.storage.sqlschema import SchemaError, now
 from pymaddy.tables.base import Table
@@ -339,6 +340,7 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         self._norm_cache: dict[str, str] = {}  # recipient -> delivery_normalize(recipient) (a pure function)
         self._acct_cache_unsub: Callable[[], None] | None = None
         self._listener: updatepipe.Listener | None = None
+        self.imap_filter: IMAPFilter | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
     def log_name(self) -> str:
@@ -369,8 +371,12 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             self.log.msg("auth_map in storage.imapsql is deprecated and will be removed in the next release, "
                          "use storage_map in imap config instead")
             self.auth_map = self._table(self._auth_map_inst)
-        if self.settings.get("imap_filter") is not None:
-            self.log.msg("imap_filter is not implemented yet and is ignored")  # hook: filter in body()
+        flt = self.settings.get("imap_filter")
+        if flt is not None:
+            obj = self.ctx.module(flt)
+            if not isinstance(obj, IMAPFilter):
+                raise ModuleError(f"imapsql: {flt.label} is not an IMAP filter")
+            self.imap_filter = obj
         db = SQLiteDB(self.db_path(), int(self.settings.get("sqlite3_busy_timeout") or 5000),
                       int(self.settings.get("sqlite3_cache_size") or 0))
         if self.group_window is not None:
@@ -718,7 +724,9 @@ class _Body:
     key: str
     size: int
     written: bool = False  # a blob file exists (not yet fsynced: the commit's batch does that)
-    data: bytes | None = None  # inline body, stored in the index at commit
+    data: bytes | None = None  # inline body (compressed when `algo`), stored in the index at commit
+    algo: str | None = None  # blobs.compression
+    header: bytes = b""  # Return-Path + header + blank line: the IMAP header cache of each copy
 
 
 class IMAPSQLDelivery(PartialDelivery):
@@ -728,6 +736,7 @@ class IMAPSQLDelivery(PartialDelivery):
         self.mail_from = mail_from
         self.rcpts: dict[str, _Rcpt] = {}
         self.blob: _Body | None = None
+        self.placement: dict[str, FilterResult] = {}  # account -> folder and flags from the imap_filter
         self._expecting = False
         self._done = False
 
@@ -744,23 +753,40 @@ class IMAPSQLDelivery(PartialDelivery):
             return
         store = self.store
         db, blobs = store._db(), store._store()
-        # HOOK (imap_filter): run the filters per recipient here unless quarantined.
+        if store.imap_filter is not None and not self.meta.quarantine:
+            await self._run_filters(store.imap_filter, header, body)
         sender = self.mail_from.replace("\r", "").replace("\n", "")
         head = b"Return-Path: <" + sender.encode("utf-8") + b">\r\n" + header.to_bytes() + b"\r\n"
         key = random_hex(16)  # blob_fs.new_key's form (128 bits, hex), from a buffered urandom pool
+        cdc = store.codec
+        algo = cdc.name if cdc is not None else None
         db.expect()
         self._expecting = True
         try:
             if len(head) + body.size <= INLINE_MAX:
                 # an in-memory body is read without a thread hop; a spooled one in a worker thread
                 data = head + (body.read_all() if body.path is None else await asyncio.to_thread(body.read_all))
-                self.blob = _Body(key, len(data), data=data)
+                stored = cdc.compress(data) if cdc is not None else data
+                self.blob = _Body(key, len(data), data=stored, algo=algo, header=head)
                 return
-            size = await asyncio.to_thread(_write_blob, blobs, key, head, body)
+            size = await asyncio.to_thread(_write_blob, blobs, key, head, body, cdc)
         except BaseException as e:
             self._unexpect()
             raise _storage_smtp_error(e) from None
-        self.blob = _Body(key, size, written=True)
+        self.blob = _Body(key, size, written=True, algo=algo, header=head)
+
+    async def _run_filters(self, flt: IMAPFilter, header: Header, body: Body) -> None:
+        """imap_filter per recipient (spec §B.9); a failing filter only costs its opinion."""
+        for name, r in self.rcpts.items():
+            inp = FilterInput(self.meta, name, r.rcpt_to, self.meta.original_rcpts.get(r.rcpt_to, r.rcpt_to),
+                              header, body)
+            try:
+                res = await flt.filter(inp)
+            except Exception as e:
+                self.store.log.error("imap_filter failed", err=e, msg_id=self.meta.id)
+                continue
+            if res.folder or res.flags:
+                self.placement[name] = res
 
     async def body_non_atomic(self, status: StatusCallback, header: Header, body: Body) -> None:
         try:
@@ -789,6 +815,7 @@ class IMAPSQLDelivery(PartialDelivery):
         blob = self.blob
         targets = list(self.rcpts)
         quarantine = self.meta.quarantine
+        placement = self.placement
         junk = store.junk_mailbox
         recent = 0 if store.disable_recent else 1
 
@@ -801,14 +828,30 @@ class IMAPSQLDelivery(PartialDelivery):
                 raise StorageError(f"imapsql: message blob {blob.key} vanished before commit")
             ts = now()
             # refs counts the messages below; corrected at the end if an account went away meanwhile
-            c.execute("INSERT INTO blobs (key, size, refs, data) VALUES (?, ?, ?, ?)",
-                      (blob.key, blob.size, len(targets), blob.data))
+            c.execute("INSERT INTO blobs (key, size, refs, data, compression) VALUES (?, ?, ?, ?, ?)",
+                      (blob.key, blob.size, len(targets), blob.data, blob.algo))
             updates: list[Update] = []
             # The account is looked up by name here, in the transaction: the Account seen at RCPT may be
             # from resolve_recipient's cache, and an account removed and created again can have another id
             # (or its old id can belong to another account now).
             for name in targets:
-                if quarantine:
+                flags = ""
+                placed = placement.get(name)
+                if placed is not None and not quarantine:
+                    acct = _get_account(c, name)
+                    if acct is None:
+                        continue  # the account went away since RCPT
+                    mbox, mbox_id = INBOX, None
+                    if placed.folder:  # a folder that does not exist means INBOX (maddy)
+                        mbox_id = _mailbox_id(c, acct.id, placed.folder)
+                        mbox = placed.folder if mbox_id is not None else INBOX
+                    if mbox_id is None:
+                        mbox_id = _mailbox_id(c, acct.id, INBOX)
+                    if mbox_id is None:
+                        continue
+                    uid, modseq = _next_uid(c, mbox_id)
+                    flags = " ".join(sorted(set(placed.flags)))
+                elif quarantine:
                     acct = _get_account(c, name)
                     mbox_id, mbox = _junk_mailbox(c, acct.id, junk) if acct is not None else (0, "")
                     if not mbox_id:
@@ -828,9 +871,10 @@ class IMAPSQLDelivery(PartialDelivery):
                     uid, modseq = _next_uid(c, mbox_id)
                 prefix = b"Delivered-To: " + name.encode("utf-8") + b"\r\n"
                 c.execute(
-                    "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mbox_id, uid, modseq, ts, blob.size + len(prefix), blob.key, prefix, recent),
+                    "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent, "
+                    "flags, header) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mbox_id, uid, modseq, ts, blob.size + len(prefix), blob.key, prefix, recent, flags,
+                     prefix + blob.header),
                 )
                 updates.append(Update("message", name, mbox, uid))
             if not updates:
@@ -875,16 +919,27 @@ class IMAPSQLDelivery(PartialDelivery):
                 await self.store.blobs.delete([blob.key])
 
 
-def _write_blob(blobs: FSBlobStore, key: str, head: bytes, body: Body) -> int:
+def _write_blob(blobs: FSBlobStore, key: str, head: bytes, body: Body, cdc: Codec | None = None) -> int:
+    """Write the message to a new blob file; returns its size before compression."""
     w: BlobWriter = blobs.create()
+    size = 0
+    stream = cdc.stream() if cdc is not None else None
     try:
-        w.write(head)
-        with body.open() as f:
-            while chunk := f.read(CHUNK):
-                w.write(chunk)
+        for chunk in _chunks(head, body):
+            size += len(chunk)
+            w.write(stream.compress(chunk) if stream is not None else chunk)
+        if stream is not None:
+            w.write(stream.flush())
         # The file and directory fsyncs are left to the group commit (on the writer thread, per batch).
         w.commit(key, sync_dir=False, fsync=False)
     except BaseException:
         w.abort()
         raise
-    return w.size
+    return size
+
+
+def _chunks(head: bytes, body: Body) -> Iterator[bytes]:
+    yield head
+    with body.open() as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
