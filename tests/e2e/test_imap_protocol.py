@@ -401,3 +401,58 @@ def test_a_run_of_bad_commands_ends_the_session(env: tuple[MailEnv, Server]) -> 
         t.send(b"last FROB\r\n")
         assert t.line() == b"last BAD Unknown command"
         assert t.line() == b"* BYE Too many invalid commands"
+
+
+def test_examine_close_unselect_check_and_uid_expunge(env: tuple[MailEnv, Server]) -> None:
+    e, _ = env
+    with session(e, new_user(e)) as t:
+        for i in range(4):
+            t.cmd("APPEND INBOX (\\Deleted)" if i < 3 else "APPEND INBOX", message(f"e{i}"))
+        r = t.cmd("EXAMINE INBOX")
+        assert r.ok and b"[READ-ONLY]" in r.tagged
+        assert b"* OK [PERMANENTFLAGS ()] Flags permitted" in r.untagged
+        # Read-only: a body fetch does not set \Seen, STORE and EXPUNGE are refused.
+        assert b"\\Seen" not in t.cmd("FETCH 4 (BODY[TEXT] FLAGS)").untagged[0]
+        assert b"[READ-ONLY]" in t.cmd("STORE 4 +FLAGS (\\Seen)").tagged
+        assert b"[READ-ONLY]" in t.cmd("EXPUNGE").tagged
+        assert t.cmd("CLOSE").ok  # closing a read-only mailbox expunges nothing
+        t.cmd("SELECT INBOX")
+        assert t.cmd("CHECK").ok
+        # UID EXPUNGE (UIDPLUS) removes only the named \Deleted messages.
+        r = t.cmd("UID EXPUNGE 2:4")
+        assert r.untagged == [b"* 2 EXPUNGE", b"* 2 EXPUNGE"], r.text()
+        assert t.cmd("UNSELECT").ok
+        assert t.cmd("FETCH 1 (UID)").status == "BAD"  # nothing selected any more
+        assert t.cmd("STATUS INBOX (MESSAGES)").untagged == [b"* STATUS INBOX (MESSAGES 2)"]
+        t.cmd("SELECT INBOX")
+        assert t.cmd("CLOSE").ok  # read-write CLOSE expunges silently
+        assert t.cmd("STATUS INBOX (MESSAGES)").untagged == [b"* STATUS INBOX (MESSAGES 1)"]
+
+
+def test_rfc822_items_mime_parts_and_bodystructure(env: tuple[MailEnv, Server]) -> None:
+    e, _ = env
+    mixed = (b"Subject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=xx\r\n\r\n"
+             b"preamble\r\n--xx\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nfirst part\r\n"
+             b"--xx\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+             b"<b>second</b>\r\n--xx--\r\n")
+    with session(e, new_user(e)) as t:
+        t.cmd("APPEND INBOX", mixed)
+        t.cmd("SELECT INBOX")
+        r = t.cmd("FETCH 1 (RFC822.SIZE RFC822.HEADER)")
+        assert r.untagged[0] == (b"* 1 FETCH (RFC822.SIZE %d RFC822.HEADER {%d}\r\n" % (len(mixed), 81)
+                                 + mixed[:81] + b")")
+        r = t.cmd("FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.MIME] BODY.PEEK[2]<3.6>)")
+        assert r.untagged[0] == (b"* 1 FETCH (BODY[1] {10}\r\nfirst part BODY[2.MIME] {72}\r\n"
+                                 b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                                 b" BODY[2]<3> {6}\r\nsecond)")
+        r = t.cmd("FETCH 1 (BODYSTRUCTURE)")
+        assert r.untagged[0] == (
+            b'* 1 FETCH (BODYSTRUCTURE (("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" 10 1 NIL NIL NIL NIL)'
+            b'("TEXT" "HTML" ("CHARSET" "us-ascii") NIL NIL "QUOTED-PRINTABLE" 13 1 NIL NIL NIL NIL)'
+            b' "MIXED" ("BOUNDARY" "xx") NIL NIL NIL))')
+        r = t.cmd("FETCH 1 (BODY)")
+        assert r.untagged[0].startswith(b'* 1 FETCH (BODY (("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" 10 1)')
+        assert t.cmd("FETCH 1 (BODY.PEEK[9])").untagged == [b"* 1 FETCH (BODY[9] NIL)"]
+        r = t.cmd("FETCH 1 (RFC822.TEXT)")
+        assert r.untagged[0].startswith(b"* 1 FETCH (RFC822.TEXT {%d}\r\npreamble" % (len(mixed) - 81))
+        assert b"FLAGS (\\Seen)" in r.untagged[0]

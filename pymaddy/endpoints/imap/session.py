@@ -732,7 +732,9 @@ class Session:
         await self.sync(cmd)
         self.tagged(cmd.tag, "OK", "EXPUNGE completed")
 
-    def _announce_expunges(self, uids: list[int]) -> None:
+    def _announce_expunges(self, uids: list[int], own: bool = True) -> None:
+        """EXPUNGE responses for `uids`, in ascending order (each shifts the ones after it).
+        `own`: this session removed them, so the database count it last saw drops too."""
         v = self._v()
         for uid in sorted(uids):
             seq = v.seq_of(uid)
@@ -740,7 +742,8 @@ class Session:
                 self.send(f"* {seq} EXPUNGE")
                 del v.uids[seq - 1]
                 v.recent.discard(uid)
-                v.db_count -= 1
+                if own:
+                    v.db_count -= 1
             v.pending_expunge.discard(uid)
 
     def _uids_of(self, seqset: Any, uid: bool) -> list[int]:
@@ -952,7 +955,7 @@ class Session:
         allow_expunge = cmd.uid or cmd.name not in _NO_EXPUNGE
         if ch is None:
             if allow_expunge and v.pending_expunge:
-                self._announce_expunges(sorted(v.pending_expunge))
+                self._announce_expunges(sorted(v.pending_expunge), own=False)
             return
         self._apply(v, ch, allow_expunge)
 
@@ -970,7 +973,7 @@ class Session:
             v.db_count = len(ch.uids)
         v.modseq, v.uidnext = ch.highestmodseq, ch.uidnext
         if allow_expunge and v.pending_expunge:
-            self._announce_expunges(sorted(v.pending_expunge))
+            self._announce_expunges(sorted(v.pending_expunge), own=False)
         if added:
             v.uids.extend(added)
             v.uids.sort()
