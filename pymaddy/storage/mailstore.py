@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,6 @@ from pymaddy.storage.imapsql import (
     Update,
     _blob_content,
     _create_mailbox,
-    _dead_blobs,
     _mailbox_row,
     _remove_refs,
     _require_account,
@@ -47,6 +47,7 @@ from pymaddy.storage.imapsql import (
 from pymaddy.storage.sqlschema import now
 
 MAX_NAME = 1024  # bytes of a mailbox name (UTF-8)
+INLINE_ROWS = 64  # flag-only reads of up to this many rows run on the event loop thread
 
 
 class BadMailboxName(StorageError):
@@ -148,6 +149,9 @@ FlagChange = tuple[int, tuple[str, ...], int]  # (uid, flags, modseq)
 
 _MSG_COLS = ("m.id, m.uid, m.modseq, m.internaldate, m.size, m.flags, m.prefix, m.blob_key, m.header, "
              "m.envelope, m.bodystructure")
+# Without header or caches the three cache columns are not read: flag listings and flag SEARCHes then
+# touch only the small columns.
+_LIGHT_COLS = "m.id, m.uid, m.modseq, m.internaldate, m.size, m.flags, m.prefix, m.blob_key, NULL, NULL, NULL"
 
 
 def _msg(r: Sequence[Any]) -> Msg:
@@ -189,6 +193,21 @@ def _uid_where(uids: Sequence[int]) -> tuple[str, list[int]]:
     if len(runs) > 16:
         return "m.uid BETWEEN ? AND ?", [runs[0][0], runs[-1][1]]
     return "(" + " OR ".join("m.uid BETWEEN ? AND ?" for _ in runs) + ")", [v for r in runs for v in r]
+
+
+def _dead_among(c: sqlite3.Connection, keys: Iterable[str]) -> list[str]:
+    """Of these blobs, drop the unreferenced inline ones and return the unreferenced file ones
+    (their rows go once the files are deleted). Only the blobs a change touched are looked at."""
+    dead: list[str] = []
+    for key in set(keys):
+        r = c.execute("SELECT refs, data IS NULL FROM blobs WHERE key = ?", (key,)).fetchone()
+        if r is None or r[0] > 0:
+            continue
+        if r[1]:
+            dead.append(key)
+        else:
+            c.execute("DELETE FROM blobs WHERE key = ?", (key,))
+    return dead
 
 
 def _bump(c: sqlite3.Connection, mailbox_id: int) -> int:
@@ -278,9 +297,10 @@ class AccountStore:
             if c.execute("SELECT 1 FROM mailboxes WHERE account_id = ? AND name LIKE ? ESCAPE '\\' LIMIT 1",
                          (aid, pattern)).fetchone():
                 raise MailboxHasChildren()
+            keys = [k for (k,) in c.execute("SELECT DISTINCT blob_key FROM messages WHERE mailbox_id = ?", (mb.id,))]
             _remove_refs(c, "m.mailbox_id = ?", (mb.id,))
             c.execute("DELETE FROM mailboxes WHERE id = ?", (mb.id,))
-            return _dead_blobs(c)
+            return _dead_among(c, keys)
 
         dead = await self.db.write(job)
         await self._delete_blobs(dead)
@@ -410,14 +430,26 @@ class AccountStore:
                 (mailbox_id, modseq))]
             return Changes(hms, unext, uids, flags)
 
+        # The common answer, "nothing changed", is one indexed row: read it on the loop thread.
+        with contextlib.suppress(sqlite3.OperationalError):
+            r = self.db.read_inline(lambda c: c.execute(
+                "SELECT highestmodseq, uidnext FROM mailboxes WHERE id = ? AND account_id = ?",
+                (mailbox_id, self.account.id)).fetchone())
+            if r is not None and int(r[0]) == modseq and int(r[1]) == uidnext:
+                return None
         return await self.db.read(q)
 
     # -- messages ----------------------------------------------------------------------------------------
 
-    def _rows(self, c: sqlite3.Connection, mailbox_id: int, uids: Sequence[int] | None,
-              content: bool, header: bool) -> list[Msg]:
+    def _rows(self, c: sqlite3.Connection, mailbox_id: int, uids: Sequence[int] | None, *,
+              content: bool = False, header: bool = False, caches: bool = False,
+              having: tuple[str, Sequence[Any]] = ("", ())) -> list[Msg]:
         where, args = ("1", []) if uids is None else _uid_where(uids)
-        cols = _MSG_COLS + (", b.data, b.compression" if content else "")
+        if having[0]:
+            where, args = f"{where} AND {having[0]}", [*args, *having[1]]
+        cols = _MSG_COLS if (content or header or caches) else _LIGHT_COLS
+        if content:
+            cols += ", b.data, b.compression"
         join = " LEFT JOIN blobs b ON b.key = m.blob_key" if content else ""
         rows = c.execute(f"SELECT {cols} FROM messages m{join} WHERE m.mailbox_id = ? AND {where} ORDER BY m.uid",
                          [mailbox_id, *args]).fetchall()
@@ -435,14 +467,21 @@ class AccountStore:
             out.append(m)
         return out
 
-    async def fetch(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False,
-                    header: bool = False) -> list[Msg]:
+    async def fetch(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False, *,
+                    header: bool = False, caches: bool = False,
+                    having: tuple[str, Sequence[Any]] = ("", ())) -> list[Msg]:
         """Rows for `uids` (None = all), in UID order; with `content`, the full text in `data`; with
-        `header`, the full text too where the header cache is empty."""
-        return await self.db.read(lambda c: self._rows(c, mailbox_id, uids, content, header))
+        `header`, the header column (and the full text where it is empty); with `caches`, the
+        header/ENVELOPE/BODYSTRUCTURE columns; `having`, an extra SQL condition on `m` (SEARCH's
+        prefilter). A few rows of index data are read on the loop thread."""
+        if not (content or header or caches or having[0]) and uids is not None and len(uids) <= INLINE_ROWS:
+            with contextlib.suppress(sqlite3.OperationalError):
+                return self.db.read_inline(lambda c: self._rows(c, mailbox_id, uids))
+        return await self.db.read(lambda c: self._rows(c, mailbox_id, uids, content=content, header=header,
+                                                       caches=caches, having=having))
 
     def fetch_sync(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False) -> list[Msg]:
-        return self.db.read_sync(lambda c: self._rows(c, mailbox_id, uids, content, False))
+        return self.db.read_sync(lambda c: self._rows(c, mailbox_id, uids, content=content))
 
     async def save_caches(self, rows: list[tuple[int, bytes | None, str | None, str | None]]) -> None:
         """Remember parsed header/ENVELOPE/BODYSTRUCTURE of (message id, header, envelope, bodystructure)."""
@@ -454,7 +493,7 @@ class AccountStore:
                           "bodystructure = coalesce(?, bodystructure) WHERE id = ?",
                           [(h, e, b, i) for i, h, e, b in rows])
 
-        await self.db.write(job)
+        await self.db.write(job, durable=False)  # caches: recomputed if a crash loses them
 
     async def store_flags(self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
                           unchangedsince: int | None = None) -> tuple[list[FlagChange], list[int]]:
@@ -489,7 +528,7 @@ class AccountStore:
             c.executemany("UPDATE messages SET flags = ?, modseq = ? WHERE id = ?", updates)
             return sorted(changed), sorted(failed)
 
-        res = await self.db.write(job)
+        res = await self.db.write(job, durable=False)  # flags: a crash may lose the last moment's changes
         if res[0]:
             self._publish("")  # sessions re-check their own mailbox by id
         return res
@@ -498,8 +537,7 @@ class AccountStore:
         """Remove messages flagged \\Deleted (only those among `uids` when given); returns their UIDs."""
 
         def job(c: sqlite3.Connection) -> tuple[list[int], list[str]]:
-            gone = self._expunge(c, mailbox_id, uids)
-            return gone, _dead_blobs(c) if gone else []
+            return self._expunge(c, mailbox_id, uids)
 
         gone, dead = await self.db.write(job)
         await self._delete_blobs(dead)
@@ -508,21 +546,21 @@ class AccountStore:
         return gone
 
     def _expunge(self, c: sqlite3.Connection, mailbox_id: int, uids: Sequence[int] | None,
-                 deleted_only: bool = True) -> list[int]:
+                 deleted_only: bool = True) -> tuple[list[int], list[str]]:
+        """Remove messages (only \\Deleted ones with `deleted_only`); returns their UIDs and the file
+        blobs nothing refers to any more."""
         where, args = ("1", []) if uids is None else _uid_where(uids)
         cond = " AND instr(' ' || m.flags || ' ', ' \\Deleted ') > 0" if deleted_only else ""
-        rows = c.execute(f"SELECT m.id, m.uid FROM messages m WHERE m.mailbox_id = ? AND {where}{cond}",
+        rows = c.execute(f"SELECT m.id, m.uid, m.blob_key FROM messages m WHERE m.mailbox_id = ? AND {where}{cond}",
                          [mailbox_id, *args]).fetchall()
         want = None if uids is None else set(uids)
-        ids = [(mid,) for mid, uid in rows if want is None or uid in want]
-        gone = sorted(uid for mid, uid in rows if want is None or uid in want)
-        if not ids:
-            return []
-        c.executemany("UPDATE blobs SET refs = refs - 1 WHERE key = (SELECT blob_key FROM messages WHERE id = ?)",
-                      ids)
-        c.executemany("DELETE FROM messages WHERE id = ?", ids)
+        rows = [r for r in rows if want is None or r[1] in want]
+        if not rows:
+            return [], []
+        c.executemany("UPDATE blobs SET refs = refs - 1 WHERE key = ?", [(r[2],) for r in rows])
+        c.executemany("DELETE FROM messages WHERE id = ?", [(r[0],) for r in rows])
         _bump(c, mailbox_id)
-        return gone
+        return sorted(r[1] for r in rows), _dead_among(c, (r[2] for r in rows))
 
     async def copy(self, mailbox_id: int, uids: Sequence[int], dest: str, move: bool = False) -> CopyResult:
         """COPY (or MOVE, RFC 6851) to `dest` in this account; UIDs for COPYUID (RFC 4315 §3)."""
@@ -554,8 +592,7 @@ class AccountStore:
             src = [r[1] for r in rows]
             dead: list[str] = []
             if move:
-                self._expunge(c, mailbox_id, src, deleted_only=False)
-                dead = _dead_blobs(c)
+                _gone, dead = self._expunge(c, mailbox_id, src, deleted_only=False)
             return CopyResult(dst.uidvalidity, src, list(range(first, first + len(rows)))), dead
 
         res, dead = await self.db.write(job)

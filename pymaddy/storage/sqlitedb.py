@@ -64,6 +64,7 @@ class _Job:
     after: list[Callable[[], None]] = field(default_factory=list)
     # write(): the awaiting coroutine's future, resolved from `future` by one loop callback per batch
     aio: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None
+    durable: bool = True  # False: the commit may skip its WAL fsync (see write())
 
 
 class DatabaseClosed(Exception):
@@ -105,6 +106,8 @@ class SQLiteDB:
         self._rconns: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._rlock = threading.Lock()
+        self._sync_full = True  # the writer connection's current `synchronous` (FULL from connect())
+        self._inline: sqlite3.Connection | None = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class SQLiteDB:
             self._readers.shutdown(wait=True, cancel_futures=True)
         with self._rlock:
             conns, self._rconns = self._rconns, []
+            self._inline = None
         for c in conns:
             with contextlib.suppress(sqlite3.Error):
                 c.close()
@@ -199,11 +203,17 @@ class SQLiteDB:
         sync: tuple[DirSync, ...] = (),
         expected: bool = False,
         files: tuple[Callable[[], None], ...] = (),
+        durable: bool = True,
     ) -> T:
-        """submit() and wait. The writer wakes the event loop once per batch, not once per job."""
+        """submit() and wait. The writer wakes the event loop once per batch, not once per job.
+
+        `durable=False` is for changes a crash may roll back without harm (IMAP flags, caches): a
+        batch of only such jobs commits with `synchronous=NORMAL`, i.e. without the WAL fsync. WAL
+        keeps the order, so the next durable commit's fsync makes them durable too, and a crash
+        can only lose such a batch whole, never corrupt or reorder anything."""
         loop = asyncio.get_running_loop()
         afut: asyncio.Future[T] = loop.create_future()
-        job = _Job(fn, Future(), sync, files, aio=(loop, afut))
+        job = _Job(fn, Future(), sync, files, aio=(loop, afut), durable=durable)
         cfut = self._submit(job, expected)
         if cfut.done():
             _copy_result(cfut, afut)
@@ -271,6 +281,10 @@ class SQLiteDB:
                         synced.add(id(s))
                         s.sync_dir()
                         self.stats.dir_syncs += 1
+            full = any(j.durable for j in batch)
+            if full != self._sync_full:
+                conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+                self._sync_full = full
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for job in batch:
@@ -318,6 +332,21 @@ class SQLiteDB:
 
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return fn(self._reader_conn())
+
+    def read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a small read on the calling (event loop) thread: no thread hop.
+
+        Only for queries of a few indexed rows. WAL readers do not wait for the writer; the
+        connection's busy timeout is kept short so that the rare lock (WAL recovery) cannot stall
+        the loop for long, and then the caller gets sqlite3.OperationalError."""
+        if self._readers is None:
+            raise DatabaseClosed("imapsql: database is closed")
+        conn = self._inline
+        if conn is None:
+            conn = self._inline = connect(self.path, 50, self.cache_size, readonly=True)
+            with self._rlock:
+                self._rconns.append(conn)
+        return fn(conn)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._readers is None:

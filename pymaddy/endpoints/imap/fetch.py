@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pymaddy.imap import parser as P
 from pymaddy.imap import search as S
 from pymaddy.imap import thread as T
 from pymaddy.imap import wire
@@ -39,13 +40,17 @@ def _batches(uids: Sequence[int], n: int) -> Iterator[Sequence[int]]:
         yield uids[i: i + n]
 
 
-def _needs(items: list[FetchItem]) -> tuple[bool, bool]:
-    """(full text, header) the items need beyond the index row."""
-    content = header = False
+def _needs(items: list[FetchItem]) -> tuple[bool, bool, bool]:
+    """(full text, header, cached ENVELOPE/BODYSTRUCTURE) the items need beyond the index row."""
+    content = header = caches = False
     for it in items:
-        if it.name in ("RFC822", "RFC822.TEXT", "BODYSTRUCTURE", "BODY"):
+        if it.name in ("RFC822", "RFC822.TEXT", "BODY"):
             content = True
-        elif it.name in {"RFC822.HEADER", "ENVELOPE"}:
+        elif it.name == "BODYSTRUCTURE":
+            caches = True
+        elif it.name == "ENVELOPE":
+            caches = header = True
+        elif it.name == "RFC822.HEADER":
             header = True
         elif it.section is not None:
             sec = it.section
@@ -53,7 +58,7 @@ def _needs(items: list[FetchItem]) -> tuple[bool, bool]:
                 content = True
             else:
                 header = True
-    return content, header
+    return content, header, caches
 
 
 def _sets_seen(items: list[FetchItem]) -> bool:
@@ -68,7 +73,7 @@ async def fetch(sess: Session, v: View, uids: list[int], req: FetchRequest, by_u
         items.insert(0, FetchItem("UID"))
     if req.changedsince is not None and "MODSEQ" not in names:
         items.append(FetchItem("MODSEQ"))
-    content, header = _needs(items)
+    content, header, caches = _needs(items)
     if _sets_seen(items) and not v.readonly:
         unseen = [m.uid for m in await st.fetch(v.mailbox_id, uids) if "\\Seen" not in m.flags]
         if unseen:
@@ -79,18 +84,25 @@ async def fetch(sess: Session, v: View, uids: list[int], req: FetchRequest, by_u
                 items.append(FetchItem("FLAGS"))
     batch = CONTENT_BATCH if content else META_BATCH
     for part in _batches(uids, batch):
-        rows = await st.fetch(v.mailbox_id, part, content=content, header=header)
-        caches: list[tuple[int, bytes | None, str | None, str | None]] = []
+        rows = await st.fetch(v.mailbox_id, part, content=content, header=header, caches=caches)
+        if caches and not content:
+            # BODYSTRUCTURE not cached yet: those rows need their text after all.
+            missing = [m.uid for m in rows if m.bodystructure is None] if any(
+                it.name == "BODYSTRUCTURE" for it in items) else []
+            if missing:
+                full = {m.uid: m for m in await st.fetch(v.mailbox_id, missing, content=True)}
+                rows = [full.get(m.uid, m) for m in rows]
+        saved: list[tuple[int, bytes | None, str | None, str | None]] = []
         for m in rows:
             if req.changedsince is not None and m.modseq <= req.changedsince:
                 continue
             seq = v.seq_of(m.uid)
             if not seq:
                 continue
-            out = _render(sess, v, m, items, caches)
+            out = _render(sess, v, m, items, saved)
             sess.send(b"* %d FETCH (" % seq + b" ".join(out) + b")")
-        if caches:
-            await st.save_caches(caches)
+        if saved:
+            await st.save_caches(saved)
         if sum(len(b) for b in sess.stream.out) > FLUSH_AT:
             await sess.flush()
 
@@ -233,9 +245,38 @@ class _Target:
         return self._full_msg().search_text(header=True, body=True)
 
 
+_NON_ASCII_GLOB = "*[^\x01-\x7f]*"
+
+
+def prefilter(key: Any) -> tuple[str, list[Any]]:
+    """An SQL condition every message matching `key` satisfies, to skip loading the others.
+
+    For each header key the whole search must satisfy (the key itself or a member of a top-level
+    AND) with a plain ASCII value and no whitespace: the raw header contains the value (LIKE is
+    ASCII case-insensitive), or the header holds encoded words or non-ASCII text (whose decoding or
+    case folding could produce it), or is not cached. Exact matching is still done by the evaluator.
+    """
+    keys = list(key.keys) if isinstance(key, P.And) else [key]
+    conds: list[str] = []
+    args: list[Any] = []
+    for k in keys:
+        if not isinstance(k, P.HeaderKey) or not k.value or not k.value.isascii():
+            continue
+        if any(ch.isspace() for ch in k.value) or len(conds) >= 4:
+            continue
+        pat = "%" + k.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        # (LIKE and GLOB only look at TEXT: the header BLOB is read as UTF-8 text for them.)
+        conds.append("(m.header IS NULL OR CAST(m.header AS TEXT) LIKE ? ESCAPE '\\' "
+                     "OR instr(m.header, '=?') > 0 OR CAST(m.header AS TEXT) GLOB ?)")
+        args += [pat, _NON_ASCII_GLOB]
+    return " AND ".join(conds), args
+
+
 async def _candidates(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
     need = S.needs(key)
-    rows = await sess._acct().fetch(v.mailbox_id, None, content="body" in need, header="header" in need)
+    where, args = prefilter(key)
+    rows = await sess._acct().fetch(v.mailbox_id, None, content="body" in need, header="header" in need,
+                                    having=(where, args))
     out = []
     for m in rows:
         seq = v.seq_of(m.uid)
