@@ -47,7 +47,7 @@ from pymaddy.storage.imapsql import (
 from pymaddy.storage.sqlschema import now
 
 MAX_NAME = 1024  # bytes of a mailbox name (UTF-8)
-INLINE_ROWS = 64  # flag-only reads of up to this many rows run on the event loop thread
+INLINE_ROWS = 64  # reads of up to this many rows without message text run on the event loop thread
 
 
 class BadMailboxName(StorageError):
@@ -474,11 +474,21 @@ class AccountStore:
         `header`, the header column (and the full text where it is empty); with `caches`, the
         header/ENVELOPE/BODYSTRUCTURE columns; `having`, an extra SQL condition on `m` (SEARCH's
         prefilter). A few rows of index data are read on the loop thread."""
-        if not (content or header or caches or having[0]) and uids is not None and len(uids) <= INLINE_ROWS:
+        if not (content or having[0]) and uids is not None and len(uids) <= INLINE_ROWS:
             with contextlib.suppress(sqlite3.OperationalError):
-                return self.db.read_inline(lambda c: self._rows(c, mailbox_id, uids))
+                return self.db.read_inline(
+                    lambda c: self._rows(c, mailbox_id, uids, header=header, caches=caches))
         return await self.db.read(lambda c: self._rows(c, mailbox_id, uids, content=content, header=header,
                                                        caches=caches, having=having))
+
+    async def search_uids(self, mailbox_id: int, cond: tuple[str, Sequence[Any]]) -> list[int]:
+        """UIDs of the messages meeting an SQL condition on `m` (SEARCH on index data)."""
+
+        def q(c: sqlite3.Connection) -> list[int]:
+            return [u for (u,) in c.execute(f"SELECT m.uid FROM messages m WHERE m.mailbox_id = ? AND {cond[0]} "
+                                            "ORDER BY m.uid", [mailbox_id, *cond[1]])]
+
+        return await self.db.read(q)
 
     def fetch_sync(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False) -> list[Msg]:
         return self.db.read_sync(lambda c: self._rows(c, mailbox_id, uids, content=content))

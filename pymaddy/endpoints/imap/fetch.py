@@ -172,12 +172,38 @@ def _render(sess: Session, v: View, m: Msg, items: list[FetchItem],
     return out
 
 
+_FIELDS_RES: dict[tuple[str, ...], re.Pattern[bytes]] = {}
+_BLANK_LINE = re.compile(rb"(?m)^\r*(?:\n|\Z)")
+_NOT_A_FIELD = re.compile(rb"(?m)^(?::|[^ \t\r\n:][^:\n]*(?:\n|\Z))")  # neither a field nor a continuation
+
+
+def header_fields_fast(header: bytes, names: tuple[str, ...]) -> bytes:
+    """HEADER.FIELDS (RFC 3501 §6.4.5) by one regex scan: the same bytes as
+    pymaddy.imap.message.header_fields(…, exclude=False), for the header listings every client
+    fetches."""
+    rx = _FIELDS_RES.get(names)
+    if rx is None:
+        alt = b"|".join(re.escape(n.encode("ascii", "replace")) for n in names)
+        rx = re.compile(rb"(?im)^(?:" + alt + rb")[ \t]*:.*(?:\r?\n[ \t].*)*(?:\r?\n)?")
+        if len(_FIELDS_RES) < 256:
+            _FIELDS_RES[names] = rx
+    blank = _BLANK_LINE.search(header)  # the header ends at its first empty line
+    block = header if blank is None else header[: blank.start()]
+    if _NOT_A_FIELD.search(block):
+        return header_fields(header, set(names), False)  # malformed lines: the reference's rules
+    parts = [p if p.endswith(b"\n") else p + b"\r\n" for p in rx.findall(block)]
+    parts.append(b"\n" if b"\r\n" not in header and b"\n" in header else b"\r\n")
+    return b"".join(parts)
+
+
 def _section(sec: Section, header: Any, message: Any) -> bytes | None:
     if not sec.part:
         if sec.specifier == "HEADER":
             return bytes(header())
-        if sec.specifier in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
-            return header_fields(header(), set(sec.fields), sec.specifier.endswith(".NOT"))
+        if sec.specifier == "HEADER.FIELDS":
+            return header_fields_fast(header(), sec.fields)
+        if sec.specifier == "HEADER.FIELDS.NOT":
+            return header_fields(header(), set(sec.fields), True)
     result: bytes | None = message().section(sec)
     return result
 
@@ -272,6 +298,55 @@ def prefilter(key: Any) -> tuple[str, list[Any]]:
     return " AND ".join(conds), args
 
 
+def to_sql(key: Any, largest_uid: int) -> tuple[str, list[Any]] | None:
+    """The whole search as an SQL condition on `m`, when it only asks about index data (flags,
+    sizes, MODSEQ, INTERNALDATE, UIDs); None when any part needs the message or session state
+    (\\Recent, sequence numbers). Mirrors pymaddy.imap.search.matches for those keys."""
+    match key:
+        case P.AllKey():
+            return "1", []
+        case P.FlagKey(flag=flag, negate=negate):
+            if flag.lower() == "\\recent":
+                return None
+            cond = "instr(' ' || lower(m.flags) || ' ', ?) > 0"
+            return (f"NOT {cond}" if negate else cond), [" " + flag.lower() + " "]
+        case P.NumberKey(op="LARGER", n=n):
+            return "m.size > ?", [n]
+        case P.NumberKey(op="SMALLER", n=n):
+            return "m.size < ?", [n]
+        case P.NumberKey(op="MODSEQ", n=n):
+            return "m.modseq >= ?", [n]
+        case P.DateKey(op=op, date=d) if op in ("BEFORE", "ON", "SINCE"):
+            # INTERNALDATE's date in UTC (pymaddy.imap.search._match_date)
+            start = int(datetime.datetime(d.year, d.month, d.day, tzinfo=datetime.UTC).timestamp())
+            if op == "BEFORE":
+                return "m.internaldate < ?", [start]
+            if op == "SINCE":
+                return "m.internaldate >= ?", [start]
+            return "(m.internaldate >= ? AND m.internaldate < ?)", [start, start + 86400]
+        case P.SeqKey(seqset=seqset, uid=True):
+            ranges = seqset.resolve(largest_uid) if largest_uid else []
+            if not ranges:
+                return "0", []
+            if len(ranges) > 50:
+                return None
+            return "(" + " OR ".join("m.uid BETWEEN ? AND ?" for _ in ranges) + ")", [x for r in ranges for x in r]
+        case P.Not(key=k):
+            inner = to_sql(k, largest_uid)
+            return None if inner is None else (f"NOT ({inner[0]})", inner[1])
+        case P.Or(left=a, right=b):
+            left, right = to_sql(a, largest_uid), to_sql(b, largest_uid)
+            if left is None or right is None:
+                return None
+            return f"(({left[0]}) OR ({right[0]}))", left[1] + right[1]
+        case P.And(keys=ks):
+            parts = [to_sql(k, largest_uid) for k in ks]
+            if any(p is None for p in parts):
+                return None
+            return "(" + " AND ".join(f"({p[0]})" for p in parts if p) + ")", [a for p in parts if p for a in p[1]]
+    return None
+
+
 async def _candidates(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
     need = S.needs(key)
     where, args = prefilter(key)
@@ -302,6 +377,16 @@ async def _matching(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]:
 
 
 async def search(sess: Session, v: View, key: Any, by_uid: bool) -> list[int]:
+    sql = to_sql(key, v.uids[-1] if v.uids else 0)
+    if sql is not None:
+        # Index data only: the database answers, no message is looked at in Python.
+        uids = await sess._acct().search_uids(v.mailbox_id, sql)
+        out = []
+        for uid in uids:
+            seq = v.seq_of(uid)
+            if seq:
+                out.append(uid if by_uid else seq)
+        return out
     return [m.uid if by_uid else seq for seq, m in await _matching(sess, v, key)]
 
 
