@@ -47,7 +47,7 @@ from pymaddy.storage.imapsql import (
 from pymaddy.storage.sqlschema import now
 
 MAX_NAME = 1024  # bytes of a mailbox name (UTF-8)
-INLINE_ROWS = 64  # reads of up to this many rows without message text run on the event loop thread
+INLINE_ROWS = 512  # reads of up to this many rows without message text run on the event loop thread
 
 
 class BadMailboxName(StorageError):
@@ -469,15 +469,17 @@ class AccountStore:
 
     async def fetch(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False, *,
                     header: bool = False, caches: bool = False,
-                    having: tuple[str, Sequence[Any]] = ("", ())) -> list[Msg]:
+                    having: tuple[str, Sequence[Any]] = ("", ()), rows_hint: int = 1 << 30) -> list[Msg]:
         """Rows for `uids` (None = all), in UID order; with `content`, the full text in `data`; with
         `header`, the header column (and the full text where it is empty); with `caches`, the
         header/ENVELOPE/BODYSTRUCTURE columns; `having`, an extra SQL condition on `m` (SEARCH's
-        prefilter). A few rows of index data are read on the loop thread."""
-        if not (content or having[0]) and uids is not None and len(uids) <= INLINE_ROWS:
+        prefilter). Reads of at most INLINE_ROWS rows (`rows_hint`: the mailbox size, when `uids` is
+        None) without message text run on the loop thread: a thread hop costs more than they do."""
+        n = len(uids) if uids is not None else rows_hint
+        if not content and n <= INLINE_ROWS:
             with contextlib.suppress(sqlite3.OperationalError):
                 return self.db.read_inline(
-                    lambda c: self._rows(c, mailbox_id, uids, header=header, caches=caches))
+                    lambda c: self._rows(c, mailbox_id, uids, header=header, caches=caches, having=having))
         return await self.db.read(lambda c: self._rows(c, mailbox_id, uids, content=content, header=header,
                                                        caches=caches, having=having))
 

@@ -351,7 +351,7 @@ async def _candidates(sess: Session, v: View, key: Any) -> list[tuple[int, Msg]]
     need = S.needs(key)
     where, args = prefilter(key)
     rows = await sess._acct().fetch(v.mailbox_id, None, content="body" in need, header="header" in need,
-                                    having=(where, args))
+                                    having=(where, args), rows_hint=len(v.uids))
     out = []
     for m in rows:
         seq = v.seq_of(m.uid)
