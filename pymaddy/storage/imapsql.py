@@ -63,7 +63,7 @@ CHUNK = 256 * 1024
 # Messages (Return-Path + header + body) up to this size are stored in the index (blobs.data), inside
 # the group-commit transaction, so they cost only their batch's one WAL sync; larger ones go to the
 # blob store, their file fsyncs batched before the same COMMIT.
-INLINE_MAX_DEFAULT = 64 * 1024
+INLINE_MAX_DEFAULT = 128 * 1024
 INLINE_MAX = INLINE_MAX_DEFAULT
 # resolve_recipient keeps found accounts this long (seconds): RCPT needs no query per message. Only the
 # RCPT answer relies on it — the commit finds the account by name again inside its transaction — and this

@@ -53,7 +53,7 @@ async def main():
             while True:
                 mid = f"{tag}-{w}-{i}"
                 # Sizes on both sides of INLINE_MAX: bodies in the index and in blob files.
-                body = (mid.encode() + b"\r\n") * rnd.randint(1, 12000)
+                body = (mid.encode() + b"\r\n") * rnd.randint(1, 24000)
                 d = await st.start_delivery(MsgMeta(quarantine=(i % 5 == 0)), "bob@example.com")
                 await d.add_rcpt("alice@example.org")
                 if i % 2:

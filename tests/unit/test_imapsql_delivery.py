@@ -309,7 +309,7 @@ def test_concurrent_deliveries_are_stored_once_and_batched(tmp_path: Path, big: 
 
         async def one(i: int) -> None:
             await deliver(st, ["alice@example.org", "carol@example.org"], header=b"Subject: %d\r\n" % i,
-                          body=Body(b"body %d\r\n" % i * (10_000 if big else 50)))
+                          body=Body(b"body %d\r\n" % i * (20_000 if big else 50)))
 
         await asyncio.gather(*(one(i) for i in range(n)))
         txs = st.db.stats.transactions - before
