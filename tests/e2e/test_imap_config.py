@@ -121,3 +121,27 @@ def test_proxy_protocol_source_address_and_io_debug(server: tuple[Server, dict[s
     assert "wrong" not in srv.output
     f.close()
     s.close()
+
+
+def test_stopping_the_server_says_bye_to_idle_sessions(tmp_path: Path) -> None:
+    import signal
+
+    port = free_port()
+    conf = tmp_path / "maddy.conf"
+    conf.write_text(CONFIG.format(tmp=tmp_path, mapped=port, proxied=free_port()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYMADDY_ALLOW_ROOT="1")
+    r = subprocess.run([sys.executable, "-m", "pymaddy", "-config", str(conf), "creds", "create", "-p", "123",
+                        "user"], capture_output=True, text=True, env=env, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    srv = Server(conf).started()
+    try:
+        with Transcript(port) as t:
+            assert t.cmd('LOGIN "user@example.org" "123"').ok
+            t.cmd("SELECT INBOX")
+            t.send(b"i IDLE\r\n")
+            assert t.line() == b"+ idling"
+            srv.signal(signal.SIGTERM)
+            assert t.line() == b"* BYE Server shutting down"
+        assert srv.wait_exit() == 0
+    finally:
+        srv.close()

@@ -21,6 +21,7 @@ import contextlib
 import re
 import ssl
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from pymaddy.imap import parser as P
 from pymaddy.imap import wire
 from pymaddy.imap.utf7 import encode_mutf7
 from pymaddy.mail.errors import AuthTemporaryError
-from pymaddy.runtime.module import Connection
+from pymaddy.runtime.module import Connection, SessionClosing
 from pymaddy.storage.imapsql import DELIMITER, INBOX, MailboxExists, MailboxNotFound, StorageError, Update
 from pymaddy.storage.mailstore import (
     AccountStore,
@@ -150,9 +151,24 @@ class Session:
                 await self.flush()
         except (_Logout, Closed, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
+        except (asyncio.CancelledError, SessionClosing):
+            # The server is stopping or reloading: tell the client (RFC 3501 §7.1.5), it reconnects.
+            self._bye_now("* BYE Server shutting down")
+            raise
         finally:
             if self._unsubscribe is not None:
                 self._unsubscribe()
+
+    def _bye_now(self, line: str) -> None:
+        """Best effort, without waiting: the session is being torn down."""
+        with contextlib.suppress(Exception):
+            self.stream.out.clear()
+            self.stream.write(line.encode() + b"\r\n")
+            data = b"".join(self.stream.out)
+            self.stream.out.clear()
+            if self.stream._deflate is not None:
+                data = self.stream._deflate.compress(data) + self.stream._deflate.flush(zlib.Z_SYNC_FLUSH)
+            self.conn.writer.write(data)
 
     async def _run(self) -> None:
         if self.e.proxy is not None and not await self._read_proxy():
