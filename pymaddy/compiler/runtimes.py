@@ -35,11 +35,13 @@ RUNTIMES: dict[str, str] = {
     # modifiers
     "modify.replace_rcpt": "pymaddy.modify.replace:ReplaceRcpt",
     "modify.replace_sender": "pymaddy.modify.replace:ReplaceSender",
+    "modify.dkim": "pymaddy.modify.dkim:DKIMSigner",
     # auth
     "auth.pass_table": "pymaddy.auth.pass_table:PassTable",
     "auth.plain_separate": "pymaddy.auth.plain_separate:PlainSeparate",
     # checks
     "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
+    "check.dkim": "pymaddy.checks.dkim:DKIMCheck",
     "require_tls": "pymaddy.checks.require_tls:RequireTLS",
     # storage
     "storage.imapsql": "pymaddy.storage.imapsql:IMAPSQL",
