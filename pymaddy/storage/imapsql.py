@@ -170,6 +170,7 @@ class Update:
     account: str
     mailbox: str = ""
     uid: int = 0
+    origin: int = 0  # who made the change (an AccountStore's id), so a session can skip its own
 
 
 UpdateSink = Callable[[Update], None]

@@ -240,13 +240,16 @@ class AccountStore:
         self.account = account
         self.db = store._db()
         self.blobs: FSBlobStore = store._store()
+        # (mailbox id, HIGHESTMODSEQ) after this store's last STORE or EXPUNGE: a session that was up
+        # to date before it can move its own view forward without asking the database.
+        self.last_change: tuple[int, int] = (0, 0)
 
     @property
     def name(self) -> str:
         return self.account.name
 
     def _publish(self, mailbox: str, kind: str = "changed") -> None:
-        self.store.publish([Update(kind, self.account.name, mailbox)])
+        self.store.publish([Update(kind, self.account.name, mailbox, origin=id(self))])
 
     # -- mailboxes ------------------------------------------------------------------------------
 
@@ -534,6 +537,7 @@ class AccountStore:
                     continue
                 if not modseq:
                     modseq = _bump(c, mailbox_id)
+                    self.last_change = (mailbox_id, modseq)
                 joined = join_flags(new)
                 updates.append((joined, modseq, mid))
                 changed.append((uid, tuple(joined.split()) if joined else (), modseq))
@@ -571,7 +575,7 @@ class AccountStore:
             return [], []
         c.executemany("UPDATE blobs SET refs = refs - 1 WHERE key = ?", [(r[2],) for r in rows])
         c.executemany("DELETE FROM messages WHERE id = ?", [(r[0],) for r in rows])
-        _bump(c, mailbox_id)
+        self.last_change = (mailbox_id, _bump(c, mailbox_id))
         return sorted(r[1] for r in rows), _dead_among(c, (r[2] for r in rows))
 
     async def copy(self, mailbox_id: int, uids: Sequence[int], dest: str, move: bool = False) -> CopyResult:

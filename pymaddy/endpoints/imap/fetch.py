@@ -80,6 +80,8 @@ async def fetch(sess: Session, v: View, uids: list[int], req: FetchRequest, by_u
             changed, _ = await st.store_flags(v.mailbox_id, unseen, "+", ["\\Seen"])
             for _uid, _fl, ms in changed:
                 v.own_modseqs.add(ms)
+            if changed:
+                sess._caught_up()
             if "FLAGS" not in names:
                 items.append(FetchItem("FLAGS"))
     batch = CONTENT_BATCH if content else META_BATCH

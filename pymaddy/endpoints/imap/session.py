@@ -475,8 +475,20 @@ class Session:
         self.tagged(tag, "OK", f"[CAPABILITY {' '.join(capabilities(self))}] Logged in")
 
     def _on_update(self, u: Update) -> None:
-        if self.store is not None and u.account == self.store.name:
+        # Changes this session made itself are answered by the command that made them.
+        if self.store is not None and u.account == self.store.name and u.origin != id(self.store):
             self.changed.set()
+
+    def _caught_up(self) -> None:
+        """After this session's own STORE or EXPUNGE: if the view was current just before it, it is
+        current now (the change took exactly one MODSEQ), so the next command need not poll."""
+        v = self.view
+        if v is None:
+            return
+        mbox, modseq = self._acct().last_change
+        if mbox == v.mailbox_id and modseq == v.modseq + 1:
+            v.modseq = modseq
+            v.own_modseqs.discard(modseq)
 
     # -- authenticated: mailboxes ------------------------------------------------------------------------
 
@@ -692,7 +704,7 @@ class Session:
         except (MailboxNotFound, BadMailboxName):
             self.tagged(cmd.tag, "NO", "[TRYCREATE] No such mailbox")
             return
-        await self.sync(cmd)
+        await self.sync(cmd, force=self.view is not None and self.view.name == check_name(a.mailbox))
         self.tagged(cmd.tag, "OK", f"[APPENDUID {uidvalidity} {uid}] APPEND completed")
 
     async def cmd_GETQUOTAROOT(self, cmd: P.Command) -> None:
@@ -745,6 +757,8 @@ class Session:
             uids = self._uids_of(cmd.args, uid=True)
         gone = await self._acct().expunge(v.mailbox_id, uids)
         self._announce_expunges(gone)
+        if gone:
+            self._caught_up()
         await self.sync(cmd)
         self.tagged(cmd.tag, "OK", "EXPUNGE completed")
 
@@ -819,6 +833,8 @@ class Session:
             self.condstore = True
         changed, failed = await self._acct().store_flags(v.mailbox_id, uids, a.mode, flags, a.unchangedsince)
         v.keywords.update(flags)
+        if changed:
+            self._caught_up()
         changed_uids = set()
         for uid, fl, modseq in changed:
             v.own_modseqs.add(modseq)
@@ -881,10 +897,12 @@ class Session:
             if code:
                 self.send(f"* OK {code.strip()} Moved")  # RFC 6851 §4.3: COPYUID before the EXPUNGEs
             self._announce_expunges(res.src)
+            if res.src:
+                self._caught_up()
             await self.sync(cmd)
             self.tagged(cmd.tag, "OK", "MOVE completed")
         else:
-            await self.sync(cmd)
+            await self.sync(cmd, force=check_name(dest) == v.name)
             self.tagged(cmd.tag, "OK", f"{code}COPY completed")
 
     async def cmd_SEARCH(self, cmd: P.Command) -> None:
