@@ -43,6 +43,7 @@ imap tcp://127.0.0.1:{mapped} {{
     storage &local_mailboxes
     auth_map email_localpart
     storage_map email_localpart
+    sasl_login yes
 }}
 
 imap tcp://127.0.0.1:{proxied} {{
@@ -145,3 +146,18 @@ def test_stopping_the_server_says_bye_to_idle_sessions(tmp_path: Path) -> None:
         assert srv.wait_exit() == 0
     finally:
         srv.close()
+
+
+def test_sasl_login_mechanism(server: tuple[Server, dict[str, int], Path]) -> None:
+    import base64
+
+    _, ports, _ = server
+    with Transcript(ports["mapped"]) as t:
+        caps = t.cmd("CAPABILITY").lines("* CAPABILITY")[0].split()
+        assert "AUTH=LOGIN" in caps and "AUTH=PLAIN" in caps  # tls off: plaintext auth is allowed
+        t.send(b"a AUTHENTICATE LOGIN\r\n")
+        assert t.line() == b"+ " + base64.b64encode(b"Username:")
+        t.send(base64.b64encode(b"user@example.org") + b"\r\n")
+        assert t.line() == b"+ " + base64.b64encode(b"Password:")
+        t.send(base64.b64encode(b"123") + b"\r\n")
+        assert t.until("a").ok
