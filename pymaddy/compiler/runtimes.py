@@ -42,6 +42,9 @@ RUNTIMES: dict[str, str] = {
     # checks
     "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
     "check.dkim": "pymaddy.checks.dkim:DKIMCheck",
+    "check.spf": "pymaddy.checks.spf:SPFCheck",
+    "require_mx_record": "pymaddy.checks.dns_checks:RequireMXRecord",
+    "require_matching_rdns": "pymaddy.checks.dns_checks:RequireMatchingRDNS",
     "require_tls": "pymaddy.checks.require_tls:RequireTLS",
     # storage
     "storage.imapsql": "pymaddy.storage.imapsql:IMAPSQL",

@@ -1,0 +1,270 @@
+"""`check.spf`: RFC 7208 evaluation of the client IP against the MAIL FROM domain (spec §B.4, §I.2, §I.4).
+
+Behaviour follows maddy 0.9.4's code (internal/check/spf):
+
+* Evaluated for TCP clients only; a null sender is checked as `postmaster@<HELO>`
+  (RFC 7208 §2.4). A sender that cannot be split or IDNA-encoded is rejected with
+  `550 5.1.7 Malformed address`.
+* `enforce_early yes`: evaluated and acted upon at MAIL FROM (connection stage).
+* Default: the evaluation starts at MAIL FROM in the background and its result
+  is applied at the end of DATA. If the From-header domain then has a DMARC
+  policy other than `none`, the action is suppressed (DMARC decides; the A-R
+  entry is still written) — whether or not the pipeline has `dmarc` on.
+* Results → actions: fail → `fail_action` (quarantine), softfail, neutral, none,
+  permerror → their actions (ignore) with `550 5.7.23 …`; temperror →
+  `temperr_action` (ignore) with `451 4.7.23 …`. Pass never acts.
+* Always one `spf=` Authentication-Results entry with `smtp.helo` and
+  `smtp.mailfrom` (the MAIL FROM domain as received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from pymaddy.checks.authorize_sender import AddressParseError, parse_address_list
+from pymaddy.checks.spf_eval import SPFResult, check_host
+from pymaddy.dns import DNSError, Resolver, resolver_for
+from pymaddy.mail.errors import SMTPError
+from pymaddy.mail.message import Body, Header, MsgMeta
+from pymaddy.pipeline.interfaces import OK, AuthResult, Check, CheckResult, CheckState
+from pymaddy.runtime.module import Module
+
+if TYPE_CHECKING:
+    from pymaddy.compiler.graph import ModuleInstance
+    from pymaddy.runtime.module import RuntimeContext
+
+MOD_NAME = "check.spf"
+
+# result → (action directive, code, enhanced code, message) — maddy's spfResult
+_ACTIONS: dict[str, tuple[str, int, tuple[int, int, int], str]] = {
+    "none": ("none_action", 550, (5, 7, 23), "No SPF policy"),
+    "neutral": ("neutral_action", 550, (5, 7, 23), "Neutral SPF result is not permitted"),
+    "fail": ("fail_action", 550, (5, 7, 23), "SPF authentication failed"),
+    "softfail": ("softfail_action", 550, (5, 7, 23), "SPF authentication soft-failed"),
+    "temperror": ("temperr_action", 451, (4, 7, 23), "SPF authentication failed with a temporary error"),
+    "permerror": ("permerr_action", 550, (5, 7, 23), "SPF authentication failed with a permanent error"),
+}
+
+
+def split_address(addr: str) -> tuple[str, str]:
+    """(local part, domain); ValueError for a malformed address. Bare `postmaster` has no domain."""
+    if "@" not in addr:
+        if addr.lower() == "postmaster":
+            return addr, ""
+        raise ValueError("malformed address")
+    local, _, domain = addr.rpartition("@")
+    if not local or not domain:
+        raise ValueError("malformed address")
+    return local, domain
+
+
+def prepare_mail_from(addr: str) -> str:
+    """The sender for check_host: domain in A-labels (RFC 7208 §4.3 needs a DNS name), and a
+    non-ASCII local part dropped (the `%{l}` macro cannot carry it; §4.3 then uses postmaster)."""
+    try:
+        local, domain = split_address(addr)
+        domain = domain.rstrip(".").encode("idna").decode("ascii") if domain else ""
+    except (ValueError, UnicodeError):
+        raise SMTPError(550, (5, 1, 7), "Malformed address", check="spf") from None
+    if not local.isascii():
+        local = ""
+    return f"{local}@{domain}"
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def dmarc_policy(resolver: Resolver, from_domain: str) -> str | None:
+    """The DMARC policy (`p=`, or `sp=` when found at the organizational domain) that applies
+    to `from_domain` (RFC 7489 §6.6.3), or None without a usable record. Raises DNSError."""
+    domain = from_domain.rstrip(".").lower()
+    rec = await _dmarc_record(resolver, domain)
+    policy_domain = domain
+    if rec is None:
+        org = organizational_domain(domain)
+        if org != domain:
+            rec = await _dmarc_record(resolver, org)
+            policy_domain = org
+    if rec is None:
+        return None
+    p = rec.get("p")
+    if p is None:
+        return None
+    if policy_domain != domain and rec.get("sp"):
+        return rec["sp"]
+    return p
+
+
+_PSL: Any = None
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 §3.2: the public suffix plus one label (the Public Suffix List, as shipped by the
+    maintained `publicsuffixlist` package)."""
+    global _PSL
+    if _PSL is None:
+        from publicsuffixlist import PublicSuffixList
+
+        _PSL = PublicSuffixList()
+    org = _PSL.privatesuffix(domain.rstrip(".").lower())
+    return str(org or domain)
+
+
+async def _dmarc_record(resolver: Resolver, domain: str) -> dict[str, str] | None:
+    """The tags of the single `v=DMARC1` record at `_dmarc.<domain>` (RFC 7489 §6.6.3)."""
+    try:
+        txts = await resolver.txt(f"_dmarc.{domain}")
+    except DNSError as e:
+        if e.temporary:
+            raise
+        return None
+    recs = [t for t in txts if t.replace(" ", "").upper().startswith("V=DMARC1")]
+    if len(recs) != 1:
+        return None
+    tags: dict[str, str] = {}
+    for part in recs[0].split(";"):
+        k, sep, v = part.partition("=")
+        if sep:
+            tags[k.strip().lower()] = v.strip().lower()
+    return tags
+
+
+class SPFCheck(Module, Check):
+    def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
+        super().__init__(inst, ctx)
+        self.enforce_early = bool(self.settings.get("enforce_early") or False)
+        self.resolver: Resolver | None = None
+
+    async def start(self) -> None:
+        if self.resolver is None:
+            self.resolver = resolver_for(self.ctx)
+
+    def get_resolver(self) -> Resolver:
+        if self.resolver is None:
+            self.resolver = resolver_for(self.ctx)
+        return self.resolver
+
+    def apply(self, setting: str, err: SMTPError, auth: AuthResult) -> CheckResult:
+        """maddy's FailAction.Apply: the override replaces the reply; then reject/quarantine/ignore."""
+        action = self.settings.get(setting)
+        kind = getattr(action, "action", "ignore")
+        override = getattr(action, "override", None)
+        if override is not None:
+            err = SMTPError(override.code, override.enhanced, override.message, check=MOD_NAME, reason=err.message)
+        if kind == "reject":
+            return CheckResult(reject=err, reason=err, auth_results=[auth])
+        if kind == "quarantine":
+            return CheckResult(quarantine=True, reason=err, auth_results=[auth])
+        return CheckResult(reason=err, auth_results=[auth])
+
+    def result(self, meta: MsgMeta, res: SPFResult) -> CheckResult:
+        """The check result and `spf=` A-R entry (RFC 8601 §2.7.2) for one evaluation."""
+        try:
+            from_domain = split_address(meta.original_from)[1] if meta.original_from else ""
+        except ValueError:
+            from_domain = ""
+        reason = res.reason or ("no policy" if res.result == "none" else "")
+        auth = AuthResult("spf", res.result, reason, params={"smtp.helo": meta.conn.helo, "smtp.mailfrom": from_domain})
+        if res.result == "pass":
+            return CheckResult(auth_results=[auth])
+        spec = _ACTIONS.get(res.result)
+        if spec is None:
+            err = SMTPError(550, (4, 7, 23), f"Unknown SPF status: {res.result}", check=MOD_NAME, reason=res.reason)
+            return CheckResult(reason=err, auth_results=[auth])
+        setting, code, enh, msg = spec
+        return self.apply(setting, SMTPError(code, enh, msg, check=MOD_NAME, reason=res.reason), auth)
+
+    async def evaluate(self, ip: str, sender: str, helo: str) -> SPFResult:
+        res = await check_host(self.get_resolver(), ip, sender, helo)
+        self.log.debug("result", result=res.result, reason=res.reason)
+        return res
+
+    async def state_for_msg(self, meta: MsgMeta) -> CheckState:
+        return _State(self, meta)
+
+
+class _State(CheckState):
+    def __init__(self, chk: SPFCheck, meta: MsgMeta) -> None:
+        self.chk = chk
+        self.meta = meta
+        self.skip = False
+        self.pending: asyncio.Task[SPFResult] | None = None
+
+    async def check_connection(self) -> CheckResult:
+        conn = getattr(self.meta, "conn", None)
+        if conn is None:
+            self.skip = True
+            self.chk.log.msg("locally generated message, skipping", msg_id=self.meta.id)
+            return OK
+        if conn.is_unix or not _is_ip(conn.remote_ip):
+            self.skip = True
+            self.chk.log.msg("non-IP SrcAddr", msg_id=self.meta.id)
+            return OK
+        # RFC 7208 §2.4: a null reverse-path is checked as postmaster@<HELO identity>.
+        original = self.meta.original_from or f"postmaster@{conn.helo}"
+        try:
+            sender = prepare_mail_from(original)
+        except SMTPError as e:
+            self.skip = True
+            return CheckResult(reject=e, reason=e)
+        ip = conn.remote_ip
+        if self.chk.enforce_early:
+            return self.chk.result(self.meta, await self.chk.evaluate(ip, sender, conn.helo))
+        self.pending = asyncio.create_task(self.chk.evaluate(ip, sender, conn.helo))
+        return OK
+
+    async def check_body(self, header: Header, body: Body) -> CheckResult:
+        if self.chk.enforce_early or self.skip or self.pending is None:
+            return OK
+        try:
+            res = await self.pending
+        except Exception as e:
+            err = SMTPError(451, (4, 7, 0), "Internal error during policy check", check="spf", reason=str(e))
+            return CheckResult(reject=err, reason=err)
+        finally:
+            self.pending = None
+        out = self.chk.result(self.meta, res)
+        if await self._rely_on_dmarc(header):
+            # DMARC will judge this message; SPF only reports (maddy's relyOnDMARC).
+            log = self.chk.log.msg if res.result != "pass" else self.chk.log.debug
+            log("deferring action due to a DMARC policy", result=res.result, err=res.reason, msg_id=self.meta.id)
+            out.reject = None
+            out.quarantine = False
+        return out
+
+    async def _rely_on_dmarc(self, header: Header) -> bool:
+        from_hdr = header.get("From") or ""
+        try:
+            addrs = parse_address_list(from_hdr)
+            if len(addrs) != 1:
+                raise AddressParseError("From header must contain exactly one address")
+            from_domain = split_address(addrs[0])[1]
+            if not from_domain:
+                raise AddressParseError("no domain in From")
+        except (AddressParseError, ValueError) as e:
+            self.chk.log.error("DMARC domains extract", err=e, msg_id=self.meta.id)
+            return False
+        try:
+            policy = await dmarc_policy(self.chk.get_resolver(), from_domain)
+        except DNSError as e:
+            self.chk.log.error("DMARC fetch", err=e, from_domain=from_domain, msg_id=self.meta.id)
+            return False
+        return policy is not None and policy != "none"
+
+    async def close(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.pending
+            self.pending = None
+
+
+__all__ = ["SPFCheck", "dmarc_policy", "organizational_domain", "prepare_mail_from"]
