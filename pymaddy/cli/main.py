@@ -60,6 +60,7 @@ COMMAND_MODULES = {
     "imap-mboxes": "pymaddy.cli.imap_mboxes",
     "imap-msgs": "pymaddy.cli.imap_msgs",
     "dev": "pymaddy.cli.dev",
+    "dns": "pymaddy.cli.dns",
 }
 CORE_COMMANDS = frozenset({"run", "check-config", "verify-config", "version", "help"})
 
