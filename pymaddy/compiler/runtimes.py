@@ -43,6 +43,8 @@ RUNTIMES: dict[str, str] = {
     "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
     "check.dkim": "pymaddy.checks.dkim:DKIMCheck",
     "check.spf": "pymaddy.checks.spf:SPFCheck",
+    "check.dnsbl": "pymaddy.checks.dnsbl:DNSBL",
+    "check.command": "pymaddy.checks.command:CommandCheck",
     "require_mx_record": "pymaddy.checks.dns_checks:RequireMXRecord",
     "require_matching_rdns": "pymaddy.checks.dns_checks:RequireMatchingRDNS",
     "require_tls": "pymaddy.checks.require_tls:RequireTLS",

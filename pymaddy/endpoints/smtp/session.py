@@ -317,10 +317,11 @@ class Session:
         # go-smtp makes a new maddy session at every greeting: early checks run again and
         # the session's authentication is gone (the "already authenticated" flag is not).
         self.auth_user, self.auth_password = "", ""
+        # The early checks (dnsbl `ehlo` lists) judge the name being introduced now.
+        self.helo = arg.split(maxsplit=1)[0]
         if await self._early_checks("EHLO"):
             self.helo = None
             return
-        self.helo = arg.split(maxsplit=1)[0]
         if not ehlo:
             await self.reply(250, (2, 0, 0), f"Hello {self.helo}")
             return
