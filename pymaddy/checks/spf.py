@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pymaddy.checks.authorize_sender import AddressParseError, parse_address_list
+from pymaddy import dmarc
 from pymaddy.checks.spf_eval import SPFResult, check_host
 from pymaddy.dns import DNSError, Resolver, resolver_for
 from pymaddy.mail.errors import SMTPError
@@ -84,57 +84,18 @@ def _is_ip(value: str) -> bool:
 
 async def dmarc_policy(resolver: Resolver, from_domain: str) -> str | None:
     """The DMARC policy (`p=`, or `sp=` when found at the organizational domain) that applies
-    to `from_domain` (RFC 7489 §6.6.3), or None without a usable record. Raises DNSError."""
-    domain = from_domain.rstrip(".").lower()
-    rec = await _dmarc_record(resolver, domain)
-    policy_domain = domain
-    if rec is None:
-        org = organizational_domain(domain)
-        if org != domain:
-            rec = await _dmarc_record(resolver, org)
-            policy_domain = org
+    to `from_domain` (RFC 7489 §6.6.3), or None without a usable record; the record is found as
+    the pipeline's DMARC evaluation finds it (`pymaddy.dmarc.fetch_record`).
+    Raises DNSError or DMARCError."""
+    policy_domain, rec = await dmarc.fetch_record(resolver.txt, from_domain)
     if rec is None:
         return None
-    p = rec.get("p")
-    if p is None:
-        return None
-    if policy_domain != domain and rec.get("sp"):
-        return rec["sp"]
-    return p
+    if policy_domain.lower() != from_domain.lower() and rec.subdomain_policy:
+        return rec.subdomain_policy
+    return rec.policy
 
 
-_PSL: Any = None
-
-
-def organizational_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the public suffix plus one label (the Public Suffix List, as shipped by the
-    maintained `publicsuffixlist` package)."""
-    global _PSL
-    if _PSL is None:
-        from publicsuffixlist import PublicSuffixList
-
-        _PSL = PublicSuffixList()
-    org = _PSL.privatesuffix(domain.rstrip(".").lower())
-    return str(org or domain)
-
-
-async def _dmarc_record(resolver: Resolver, domain: str) -> dict[str, str] | None:
-    """The tags of the single `v=DMARC1` record at `_dmarc.<domain>` (RFC 7489 §6.6.3)."""
-    try:
-        txts = await resolver.txt(f"_dmarc.{domain}")
-    except DNSError as e:
-        if e.temporary:
-            raise
-        return None
-    recs = [t for t in txts if t.replace(" ", "").upper().startswith("V=DMARC1")]
-    if len(recs) != 1:
-        return None
-    tags: dict[str, str] = {}
-    for part in recs[0].split(";"):
-        k, sep, v = part.partition("=")
-        if sep:
-            tags[k.strip().lower()] = v.strip().lower()
-    return tags
+organizational_domain = dmarc.organizational_domain
 
 
 class SPFCheck(Module, Check):
@@ -241,20 +202,15 @@ class _State(CheckState):
         return out
 
     async def _rely_on_dmarc(self, header: Header) -> bool:
-        from_hdr = header.get("From") or ""
+        """maddy's relyOnDMARC: the From domain has an enforcing DMARC policy."""
         try:
-            addrs = parse_address_list(from_hdr)
-            if len(addrs) != 1:
-                raise AddressParseError("From header must contain exactly one address")
-            from_domain = split_address(addrs[0])[1]
-            if not from_domain:
-                raise AddressParseError("no domain in From")
-        except (AddressParseError, ValueError) as e:
+            from_domain = dmarc.extract_from_domain(header)
+        except dmarc.DMARCError as e:
             self.chk.log.error("DMARC domains extract", err=e, msg_id=self.meta.id)
             return False
         try:
             policy = await dmarc_policy(self.chk.get_resolver(), from_domain)
-        except DNSError as e:
+        except (DNSError, dmarc.DMARCError) as e:
             self.chk.log.error("DMARC fetch", err=e, from_domain=from_domain, msg_id=self.meta.id)
             return False
         return policy is not None and policy != "none"

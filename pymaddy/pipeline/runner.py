@@ -9,11 +9,14 @@ its recipients were routed to: one `Delivery` per target per message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pymaddy import dmarc
 from pymaddy.mail import address
 from pymaddy.mail.errors import SMTPError, internal_error
 from pymaddy.mail.message import Body, Header, MsgMeta
@@ -59,19 +62,45 @@ def reject_error(spec: Any) -> SMTPError:
 # -- Received / Authentication-Results ----------------------------------------------------
 
 
-def fold(name: str, value: str, limit: int = 76) -> bytes:
-    """`Name: value` folded at whitespace so lines stay within `limit` (go-message style)."""
-    line = name + ": "
-    out: list[str] = []
-    for i, word in enumerate(value.split(" ")):
-        piece = word if i == 0 else " " + word
-        if i > 0 and len(line) + len(piece) > limit and line.strip():
-            out.append(line)
-            line = piece
-        else:
-            line += piece
-    out.append(line)
-    return ("\r\n".join(out) + "\r\n").encode("utf-8")
+_FOLD_SOFT = 76  # go-message textproto: preferredHeaderLen
+_FOLD_HARD = 998  # maxHeaderLen (RFC 5322 §2.1.1)
+
+
+def _fold_line(v: bytes, maxlen: int) -> tuple[bytes, bytes, bool]:
+    """go-message's foldLine: (line with its CRLF, rest, whether no space had to be inserted)."""
+    before = maxlen + 1
+    if before > len(v):
+        return v + (b"" if v.endswith(b"\n") else b"\r\n"), b"", True
+    at = max(v.rfind(b" ", 0, before), v.rfind(b"\t", 0, before), v.rfind(b"\n", 0, before))
+    if at == 0:
+        at = before - 1  # only the previous folding space: no good place
+    elif at < 0:
+        at = before - 2
+    ch = v[at : at + 1]
+    if ch in (b" ", b"\t"):
+        folding = b"" if v[at - 1 : at] == b"\n" else b"\r\n"
+        return v[:at] + folding, v[at:], True
+    if ch == b"\n":
+        return v[:at], v[at:], True
+    return v[:at] + b"\r\n ", v[at:], False
+
+
+def fold(name: str, value: str) -> bytes:
+    """`Name: value` with CRLF, folded byte for byte as go-message's formatHeaderField writes
+    header fields: at whitespace before 76 octets a line, else (a long word) before 998."""
+    out = (name + ": ").encode("utf-8")
+    v = value.encode("utf-8")
+    if not v:
+        return out + b"\r\n"
+    keylen = len(out)
+    while v:
+        line, rest, ok = _fold_line(v, _FOLD_SOFT - keylen)
+        if not ok:
+            line, rest, _ = _fold_line(v, _FOLD_HARD - keylen)
+        out += line
+        v = rest
+        keylen = 0
+    return out
 
 
 def received_value(meta: MsgMeta, hostname: str, mail_from: str, when: datetime | None = None) -> str:
@@ -93,28 +122,41 @@ def received_value(meta: MsgMeta, hostname: str, mail_from: str, when: datetime 
     return " ".join(parts)
 
 
-_SPECIALS = set(' ()<>@,;:\\"/[]?=\t')
+# go-msgauth authres: tspecials force a quoted value; these punctuation marks (plus letters and
+# digits) make an "address-like" pvalue that is written bare (RFC 8601 §2.2 pvalue).
+_TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
+_ADDRESS_OK = frozenset("#$%&'*+,./-@[]\\^_`{|}~")
 
 
-def _param_value(v: str) -> str:
-    if v == "" or any(ch in _SPECIALS for ch in v):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _format_value(v: str) -> str:
+    """RFC 2045 `value`: a token, else a quoted string (only `"` escaped, as go-msgauth)."""
+    if any(ch <= " " or ch in _TSPECIALS for ch in v):
+        return '"' + v.replace('"', '\\"') + '"'
     return v
 
 
+def _format_pvalue(v: str) -> str:
+    """RFC 8601 `pvalue`: address- or domain-like values stay bare, anything else as `value`."""
+    if all(unicodedata.category(ch)[0] == "L" or unicodedata.category(ch) == "Nd" or ch in _ADDRESS_OK for ch in v):
+        return v
+    return _format_value(v)
+
+
 def format_auth_results(hostname: str, results: Sequence[AuthResult]) -> str:
-    """RFC 8601 value as go-msgauth writes it: `host; m=r reason=".." k=v; …`."""
-    items = []
+    """RFC 8601 field value byte for byte as go-msgauth's authres.Format writes it:
+    `host; m=r reason="…" a=1 b=2; …` — reason first, other params sorted, empty ones dropped,
+    a trailing space after a result without params; `host; none` without results."""
+    if not results:
+        return hostname + "; none"
+    out = hostname
     for r in results:
-        s = f"{r.method}={r.result} "
-        params = []
-        if r.reason:
-            params.append("reason=" + _param_value(r.reason))
-        for k in sorted(r.params):
-            if r.params[k]:
-                params.append(f"{k}={_param_value(r.params[k])}")
-        items.append(s + " ".join(params))
-    return hostname + "; " + "; ".join(items)
+        params = {k: v for k, v in r.params.items() if k != "reason"}
+        reason = r.reason or r.params.get("reason", "")
+        keys = sorted(params)
+        items = [f"reason={_format_value(reason)}"] if reason else []
+        items.extend(f"{k}={_format_pvalue(params[k])}" for k in keys if params[k])
+        out += f"; {r.method}={r.result} " + " ".join(items)
+    return out
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -363,6 +405,8 @@ class PipelineDelivery(PartialDelivery):
         self.deliveries: dict[int, tuple[DeliveryTarget, Delivery, list[str]]] = {}
         self.blocks: list[RcptBlock] = []
         self.origin: dict[str, str] = {}  # final address → address as given to add_rcpt
+        self.block_mods_ready: set[int] = set()  # destination blocks whose modifiers saw the sender
+        self.dmarc_fetch: asyncio.Task[dmarc.Fetched] | None = None
         self.closed = False
 
     async def start(self, mail_from: str) -> None:
@@ -403,6 +447,7 @@ class PipelineDelivery(PartialDelivery):
             if blk.reject is not None:
                 raise reject_error(blk.reject)
             await self.checks.run(blk.checks, "rcpt", a)
+            await self._init_block_modifiers(blk, a)
             finals = await self.mods.rcpt(blk.modifiers, a)
             if blk not in self.blocks:
                 self.blocks.append(blk)
@@ -416,6 +461,66 @@ class PipelineDelivery(PartialDelivery):
                     await d.add_rcpt(f)
                     rcpts.append(f)
 
+    async def _init_block_modifiers(self, blk: RcptBlock, rcpt: str) -> None:
+        """maddy's getRcptModifiers: a destination block's modifiers see the final envelope sender
+        once (modify.dkim picks its key by it); a rewrite there is ignored with a log line."""
+        if id(blk) in self.block_mods_ready:
+            return
+        self.block_mods_ready.add(id(blk))
+        try:
+            new = await self.mods.sender(blk.modifiers, self.mail_from)
+        except Exception as e:  # maddy ignores the error here too
+            self.log.debug("destination modifiers sender rewrite failed", err=str(e), msg_id=self.meta.id)
+            return
+        if new != self.mail_from:
+            self.log.msg(
+                "Per-recipient modifier changed sender address. This is not supported and will be ignored.",
+                rcpt=rcpt,
+                originalFrom=self.mail_from,
+                modifiedFrom=new,
+                msg_id=self.meta.id,
+            )
+
+    def _start_dmarc(self, header: Header) -> None:
+        """Start the policy lookup for the From domain while the body checks run (maddy's
+        Verifier.FetchRecord; RFC 7489 §6.6.1 needs exactly one From with one address)."""
+        try:
+            domain = dmarc.extract_from_domain(header)
+        except dmarc.DMARCError as e:
+            self.dmarc_fetch = asyncio.create_task(_fetched(dmarc.Fetched(error=e)))
+            return
+        from pymaddy.dns import resolver_for
+
+        res = resolver_for(self.r.ctx)
+        self.dmarc_fetch = asyncio.create_task(dmarc.fetch(res.txt, domain))
+
+    async def _apply_dmarc(self) -> None:
+        """maddy's checkRunner.applyResults DMARC part: `dmarc=` goes last into the A-R entries;
+        policy reject → 550 5.7.1 (450 4.7.1 on temperror), quarantine → the quarantine flag."""
+        task = self.dmarc_fetch
+        if task is None:
+            return
+        self.dmarc_fetch = None
+        fetched = await task
+        res, policy = dmarc.apply(fetched, self.checks.auth_results)
+        self.checks.auth_results.append(res.authres)
+        if policy == dmarc.REJECT:
+            temp = res.authres.result == "temperror"
+            raise SMTPError(
+                450 if temp else 550,
+                (4 if temp else 5, 7, 1),
+                "DMARC check failed",
+                check="dmarc",
+                reason=res.authres.reason,
+                dkim_res=res.dkim.result if res.dkim else "",
+                dkim_domain=res.dkim.params.get("header.d", "") if res.dkim else "",
+                spf_res=res.spf.result if res.spf else "",
+                spf_from=res.spf.params.get("smtp.mailfrom", "") if res.spf else "",
+            )
+        if policy == dmarc.QUARANTINE:
+            self.meta.quarantine = True
+            self.log.msg("quarantined", reason=res.authres.reason, check="dmarc", msg_id=self.meta.id)
+
     def _body_check_groups(self, lmtp: bool) -> list[list[ModuleInstance]]:
         src = self.source
         assert src is not None
@@ -427,6 +532,8 @@ class PipelineDelivery(PartialDelivery):
     async def _prepare_body(self, header: Header, body: Body, lmtp: bool) -> None:
         groups = self._body_check_groups(lmtp)
         allc = [i for g in groups for i in g]
+        if not lmtp and self.r.pipe.dmarc and self.dmarc_fetch is None:
+            self._start_dmarc(header)  # the LMTP path never applies DMARC (maddy)
         await self.checks.run(allc, "body", header, body)
         if not lmtp:
             if self.r.add_received:
@@ -435,9 +542,10 @@ class PipelineDelivery(PartialDelivery):
                 header.add_raw_top(Header([("Received", fold("Received", value))]))
             if self.checks.quarantine:
                 self.meta.quarantine = True
+            await self._apply_dmarc()
             if self.checks.auth_results:
                 val = format_auth_results(self.r.hostname, self.checks.auth_results)
-                header.add_top("Authentication-Results", val)
+                header.add_raw_top(Header([("Authentication-Results", fold("Authentication-Results", val))]))
         for h in self.checks.headers:
             header.add_raw_top(h)
         src = self.source
@@ -504,11 +612,20 @@ class PipelineDelivery(PartialDelivery):
         if self.closed:
             return
         self.closed = True
+        if self.dmarc_fetch is not None:
+            self.dmarc_fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.dmarc_fetch
+            self.dmarc_fetch = None
         await self.checks.close()
         try:
             await self.mods.close()
         except Exception as e:
             self.log.error("modifier close failed", err=e)
+
+
+async def _fetched(f: dmarc.Fetched) -> dmarc.Fetched:
+    return f
 
 
 def _rule_match(rules: dict[str, Any], key: str) -> Any:

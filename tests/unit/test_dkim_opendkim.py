@@ -29,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import dkim as dkimpy
@@ -225,13 +226,6 @@ def test_pymaddy_judges_opendkim_signature(tmp_path: Path) -> None:
 # -- OpenDKIM's milter signs, pymaddy verifies -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _lua_str(s: str) -> str:
     assert "]==]" not in s
     return "[==[" + s + "]==]"
@@ -243,17 +237,19 @@ def opendkim_milter_sign(tmp: Path, key_file: Path, algorithm: str, canon: str, 
     for tool in ("opendkim", "miltertest"):
         assert shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}"), f"{tool} missing: apt-get install {tool}"
     header, body = split_message(message)
-    port = _free_port()
+    # A unix socket (short path: sun_path holds 108 bytes) cannot clash with other tests' ports.
+    sockdir = Path(tempfile.mkdtemp(prefix="odk"))
+    sock = sockdir / "m.sock"
     conf = tmp / "opendkim.conf"
     conf.write_text(
         "Syslog no\nBackground no\nMode s\nDomain example.org\nSelector sel\n"
         f"KeyFile {key_file}\nCanonicalization {canon}\nSignatureAlgorithm {algorithm}\n"
-        f"Socket inet:{port}@127.0.0.1\nRequireSafeKeys no\nOversignHeaders From\n"
+        f"Socket local:{sock}\nRequireSafeKeys no\nOversignHeaders From\n"
         f"PidFile {tmp / 'opendkim.pid'}\n"
     )
     (tmp / "body.txt").write_bytes(body.read_all())
     lines = [
-        f'conn = mt.connect("inet:{port}@127.0.0.1", 80, 0.25)',
+        f'conn = mt.connect("local:{sock}", 80, 0.25)',
         'if conn == nil then error("cannot connect to opendkim") end',
         'mt.conninfo(conn, "localhost", "127.0.0.1")',
         'mt.mailfrom(conn, "alice@example.org")',
@@ -282,6 +278,7 @@ def opendkim_milter_sign(tmp: Path, key_file: Path, algorithm: str, canon: str, 
     finally:
         daemon.kill()  # ours; its graceful shutdown takes seconds and there is nothing to keep
         log = daemon.communicate()[0]
+        shutil.rmtree(sockdir, ignore_errors=True)
     out = p.stdout.decode()
     assert p.returncode == 0 and "SIG-BEGIN" in out, (out, p.stderr.decode(), log.decode())
     value = out.split("SIG-BEGIN", 1)[1].split("SIG-END", 1)[0]

@@ -130,6 +130,31 @@ class FakeModifier(Modifier):
         return S()
 
 
+class SenderSpy(Modifier):
+    """Records the senders rewrite_sender sees; rewrites `spy-rw…` senders (which must be ignored)."""
+
+    def __init__(self) -> None:
+        self.senders: list[str] = []
+        self.rcpts: list[str] = []
+
+    async def state_for_msg(self, meta: MsgMeta) -> ModifierState:
+        spy = self
+
+        class S(ModifierState):
+            async def rewrite_sender(self, mail_from: str) -> str:
+                spy.senders.append(mail_from)
+                return "changed@spy.test" if "spy-rw" in mail_from else mail_from
+
+            async def rewrite_rcpt(self, rcpt: str) -> list[str]:
+                spy.rcpts.append(rcpt)
+                return [rcpt]
+
+            async def rewrite_body(self, header: Header, body: Body) -> None:
+                return None
+
+        return S()
+
+
 def build(conf: str) -> tuple[PipelineRunner, dict[str, Any]]:
     """Compile `conf` (one smtp endpoint); fakes stand in for dummy / require_mx_record / replace_rcpt."""
     text = f"state_dir /tmp/pm-state\nruntime_dir /tmp/pm-run\nhostname mx.test\ntls off\n{conf}\n"
@@ -154,6 +179,8 @@ def build(conf: str) -> tuple[PipelineRunner, dict[str, Any]]:
             obj = FakeCheck(key)
         elif inst.name == "modify.replace_rcpt":
             obj = FakeModifier()
+        elif inst.name == "modify.replace_sender":
+            obj = SenderSpy()
         elif inst.name == "checks":
             obj = CheckGroup(inst, ctx)
         elif inst.name == "require_tls":
@@ -323,6 +350,44 @@ def test_sender_check_reject_and_modifier_expansion() -> None:
     assert "Subject: t" in hdr
 
 
+DEST_MODIFIERS = """
+dummy t_a
+smtp tcp://127.0.0.1:1 {
+    default_source {
+        modify {
+            replace_rcpt static {
+                entry a b
+            }
+        }
+        default_destination {
+            modify {
+                replace_sender static {
+                    entry a b
+                }
+            }
+            deliver_to &t_a
+        }
+    }
+}
+"""
+
+
+def test_destination_modifiers_see_the_final_sender_once() -> None:
+    """maddy's getRcptModifiers: RewriteSender(final sender) when a destination block's modifier
+    state is created (so modify.dkim there picks its key by it); a change is logged and ignored."""
+    runner, objs = build(DEST_MODIFIERS)
+    [spy] = [o for o in objs.values() if isinstance(o, SenderSpy)]
+    assert run(_send(runner, "rw@s.test", ["u@a.test", "v@a.test"])) == [None, None]
+    assert spy.senders == ["rw+mod@s.test"]  # after the source modifiers, once per message
+    assert spy.rcpts == ["u@a.test", "v@a.test"]
+    assert objs["t_a"].messages[-1]["from"] == "rw+mod@s.test"
+
+    spy.senders.clear()
+    assert run(_send(runner, "spy-rw@s.test", ["u@a.test"])) == [None]
+    assert spy.senders == ["spy-rw@s.test"]
+    assert objs["t_a"].messages[-1]["from"] == "spy-rw@s.test"  # the rewrite is ignored
+
+
 def test_body_check_reject_aborts_all() -> None:
     runner, objs = build(CHECKS)
     res = run(_send(runner, "ok@s.test", ["u@a.test"], b"REJECT me\r\n"))
@@ -407,6 +472,84 @@ def test_auth_results_format() -> None:
     )
     want = 'mail.example.net; dkim=none ; spf=none reason="no DNS record found" smtp.helo=h '
     assert v == want + "smtp.mailfrom=mail.example.net"
+
+
+LONG_WORD = "InCaseOf" + "Very" * 240 + "LongStringWeStillShouldComplyToTheHardLimitOf998Symbols"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "want"),
+    [  # go-message v0.18.2 textproto formatHeaderFieldTests
+        ("From", "Mitsuha Miyamizu <mitsuha.miyamizu@example.org>", None),
+        (
+            "Subject",
+            "This is a very long subject, much longer than just the 76 characters limit that applies to message "
+            "header fields",
+            "Subject: This is a very long subject, much longer than just the 76\r\n characters limit that applies "
+            "to message header fields\r\n",
+        ),
+        (
+            "Subject",
+            "This is        yet          \t  another    subject          \t                   with many         "
+            "whitespace      characters",
+            "Subject: This is        yet          \t  another    subject          \t       \r\n            with "
+            "many         whitespace      characters\r\n",
+        ),
+        ("In-Reply-To", "<CAOzTU0ikmAnr1ebhLEfks2crdHcotR-cXeJ-7ySd4X4VJ-B2fg@mail.gmail.com>", None),
+        (
+            "Subject",
+            "=?utf-8?q?=E2=80=9CShort subject=E2=80=9D=0A?= =?utf-8?q?=0AAuthor=0A=0AOil_on...?=",
+            "Subject: =?utf-8?q?=E2=80=9CShort subject=E2=80=9D=0A?=\r\n =?utf-8?q?=0AAuthor=0A=0AOil_on...?=\r\n",
+        ),
+        ("Subject", LONG_WORD, "Subject: " + LONG_WORD[:988] + "\r\n " + LONG_WORD[988:] + "\r\n"),
+        ("Bcc", "", "Bcc: \r\n"),
+        ("Bcc", " ", "Bcc:  \r\n"),
+    ],
+)
+def test_fold_matches_go_message(name: str, value: str, want: str | None) -> None:
+    assert fold(name, value).decode() == (want if want is not None else f"{name}: {value}\r\n")
+
+
+def test_auth_results_field_is_folded_like_go_message() -> None:
+    v = format_auth_results(
+        "mail.example.net",
+        [
+            AuthResult("dkim", "none"),
+            AuthResult("spf", "none", "no DNS record found", {"smtp.mailfrom": "mail.example.net", "smtp.helo": "h"}),
+            AuthResult("dmarc", "fail", "No aligned identifiers", {"header.from": "mail.example.net"}),
+        ],
+    )
+    # folded at whitespace, inside quoted strings too (FWS, RFC 5322 §3.2.4)
+    assert fold("Authentication-Results", v) == (
+        b'Authentication-Results: mail.example.net; dkim=none ; spf=none reason="no\r\n'
+        b' DNS record found" smtp.helo=h smtp.mailfrom=mail.example.net; dmarc=fail\r\n'
+        b' reason="No aligned identifiers" header.from=mail.example.net\r\n'
+    )
+
+
+def test_auth_results_format_matches_go_msgauth() -> None:
+    """authres.Format: address-like pvalues bare, other values quoted (only `"` escaped), reason
+    first, empty params dropped, `host; none` without results."""
+    assert format_auth_results("mx", []) == "mx; none"
+    v = format_auth_results(
+        "mx.example.net",
+        [
+            AuthResult("dkim", "pass", "", {"header.d": "example.org", "header.i": "@example.org"}),
+            AuthResult("spf", "pass", "", {"smtp.mailfrom": "user+tag@example.org", "smtp.helo": ""}),
+            AuthResult("dmarc", "fail", "No aligned identifiers", {"header.from": "example.org"}),
+        ],
+    )
+    assert v == (
+        "mx.example.net; dkim=pass header.d=example.org header.i=@example.org; "
+        "spf=pass smtp.mailfrom=user+tag@example.org; "
+        'dmarc=fail reason="No aligned identifiers" header.from=example.org'
+    )
+    odd = AuthResult("x", "pass", 'a "q" \\ b', {"a": "has space", "b": "x=y", "c": "tab\there", "d": "bücher.de"})
+    assert format_auth_results("h", [odd]) == (
+        'h; x=pass reason="a \\"q\\" \\ b" a="has space" b="x=y" c="tab\there" d=bücher.de'
+    )
+    # reason is a `value`: '@' or '/' force quotes there, unlike in other params
+    assert format_auth_results("h", [AuthResult("m", "r", "a@b", {"p": "a/b"})]) == 'h; m=r reason="a@b" p=a/b'
 
 
 def test_check_group_merge() -> None:
