@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import time
 from typing import TYPE_CHECKING
 
 from pymaddy import dmarc
@@ -98,11 +99,16 @@ async def dmarc_policy(resolver: Resolver, from_domain: str) -> str | None:
 organizational_domain = dmarc.organizational_domain
 
 
+RESULT_TTL = 30.0  # seconds a check_host() result is reused for the same (IP, sender, HELO)
+RESULT_CACHE_MAX = 4096
+
+
 class SPFCheck(Module, Check):
     def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
         super().__init__(inst, ctx)
         self.enforce_early = bool(self.settings.get("enforce_early") or False)
         self.resolver: Resolver | None = None
+        self._results: dict[tuple[str, str, str], tuple[float, SPFResult]] = {}
 
     async def start(self) -> None:
         if self.resolver is None:
@@ -144,8 +150,19 @@ class SPFCheck(Module, Check):
         return self.apply(setting, SMTPError(code, enh, msg, check=MOD_NAME, reason=res.reason), auth)
 
     async def evaluate(self, ip: str, sender: str, helo: str) -> SPFResult:
+        """check_host(), with final results remembered for RESULT_TTL: a busy sender's messages
+        share one evaluation (the DNS answers behind it are cached anyway)."""
+        key = (ip, sender.lower(), helo.lower())
+        now = time.monotonic()
+        hit = self._results.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         res = await check_host(self.get_resolver(), ip, sender, helo)
         self.log.debug("result", result=res.result, reason=res.reason)
+        if res.result != "temperror":
+            if len(self._results) >= RESULT_CACHE_MAX:
+                self._results.clear()
+            self._results[key] = (now + RESULT_TTL, res)
         return res
 
     async def state_for_msg(self, meta: MsgMeta) -> CheckState:
