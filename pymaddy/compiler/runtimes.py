@@ -54,6 +54,9 @@ RUNTIMES: dict[str, str] = {
     "storage.blob.fs": "pymaddy.storage.blob_fs:FSBlobStore",
     "imap.filter.command": "pymaddy.storage.imapfilter:CommandFilter",
     "imap_filters": "pymaddy.storage.imapfilter:FilterGroup",
+    # targets
+    "target.smtp": "pymaddy.targets.smtp:SMTPTarget",
+    "target.lmtp": "pymaddy.targets.smtp:LMTPTarget",
     # TLS
     "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
     "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",
