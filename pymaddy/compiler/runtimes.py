@@ -45,6 +45,8 @@ RUNTIMES: dict[str, str] = {
     "check.spf": "pymaddy.checks.spf:SPFCheck",
     "check.dnsbl": "pymaddy.checks.dnsbl:DNSBL",
     "check.command": "pymaddy.checks.command:CommandCheck",
+    "check.milter": "pymaddy.checks.milter:MilterCheck",
+    "check.rspamd": "pymaddy.checks.rspamd:RspamdCheck",
     "require_mx_record": "pymaddy.checks.dns_checks:RequireMXRecord",
     "require_matching_rdns": "pymaddy.checks.dns_checks:RequireMatchingRDNS",
     "require_tls": "pymaddy.checks.require_tls:RequireTLS",

@@ -1,0 +1,1 @@
+"""The milter protocol (Sendmail's mail filter API), MTA side."""
