@@ -21,6 +21,7 @@ When neither From nor Sender is authorised the result is the no-match error.
 
 from __future__ import annotations
 
+import re
 from email.errors import ObsoleteHeaderDefect
 from email.headerregistry import HeaderRegistry
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,23 @@ class AddressParseError(ValueError):
     pass
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_WORD = rf"(?:{_ATEXT}+|\"[^\"\\\r\n]*\")"
+# One address in its common shapes: `local@domain`, `Name <local@domain>`, `"Name" <local@domain>`
+# (RFC 5322 §3.4 with dot-atoms only). Anything else goes to the full parser.
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?:{_WORD}(?:[ \t]+{_WORD})*)?[ \t]*<({_DOT_ATOM})@({_DOT_ATOM})>|({_DOT_ATOM})@({_DOT_ATOM}))[ \t]*"
+)
+
+
 def parse_address_list(value: str) -> list[str]:
     """Addresses (`local@domain`, local part unquoted) of an address-list header, as Go's
     mail.ParseAddressList returns them; AddressParseError when it is malformed."""
+    m = _SIMPLE_ADDRESS.fullmatch(value)
+    if m is not None:  # the usual single address: no need for the email package's full parser
+        local, domain = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        return [f"{local}@{domain}"]
     try:
         hdr: Any = _HEADERS("From", value)
     except Exception as e:  # the email package raises assorted errors on garbage
