@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import time
@@ -304,7 +305,7 @@ def _b64(s: str) -> bytes:
     return base64.b64decode(_strip_ws(s), validate=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _PublicKey:
     algo: str
     key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -312,8 +313,10 @@ class _PublicKey:
     services: list[str] | None
 
 
+@functools.lru_cache(maxsize=256)
 def parse_key_record(txt: str) -> _PublicKey:
-    """A `v=DKIM1; k=…; p=…` record (RFC 6376 §3.6.1) as go-msgauth's parsePublicKey reads it."""
+    """A `v=DKIM1; k=…; p=…` record (RFC 6376 §3.6.1) as go-msgauth's parsePublicKey reads it.
+    Remembered per record text: a sender's key is parsed once, not for every message."""
     try:
         params = parse_params(txt)
     except ValueError as e:

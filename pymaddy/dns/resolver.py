@@ -112,6 +112,8 @@ class Resolver:
         self.stats = Stats()
         self._cache: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, int], asyncio.Task[Answer]] = {}
+        # (name as asked, type as asked) -> cache key: a cache hit then needs no name parsing
+        self._keys: dict[tuple[str, int | str], tuple[str, int]] = {}
 
     # -- cache -------------------------------------------------------------------------
 
@@ -181,6 +183,12 @@ class Resolver:
         """Records of `rdtype` at `name`, CNAMEs followed. NXDOMAIN/NODATA → empty Answer.
 
         Raises DNSError (temporary for SERVFAIL/timeouts)."""
+        asked = (name, rdtype)
+        known = self._keys.get(asked)
+        if known is not None:
+            cached = self._cache_get(known)
+            if cached is not None:
+                return cached
         rdt = dns.rdatatype.RdataType.make(rdtype)
         try:
             if not name.strip("."):
@@ -189,6 +197,9 @@ class Resolver:
         except (dns.exception.DNSException, UnicodeError) as e:
             raise DNSError(f"lookup {name}: invalid domain name ({e})", False, name, "invalid-name") from None
         key = (qname.to_text().lower(), int(rdt))
+        if len(self._keys) >= self.cache_size:
+            self._keys.clear()
+        self._keys[asked] = key
         cached = self._cache_get(key)
         if cached is not None:
             return cached
