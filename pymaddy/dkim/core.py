@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim import RE_BTAG, select_headers
-from dkim.canonicalization import Relaxed, Simple
+from dkim.canonicalization import Simple
 
 from pymaddy.dkim.keys import SigningKey
 from pymaddy.mail.message import Body, Header
@@ -155,15 +155,30 @@ def _split_fields(header: Header) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def relaxed_headers(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Relaxed header canonicalization (RFC 6376 §3.4.2), the same bytes as dkimpy's
+    Relaxed.canonicalize_headers but with str methods instead of a regex per field: lower-case
+    name, unfolded value with every WSP run one SP, trimmed."""
+    out = []
+    for name, value in fields:
+        v = value.replace(b"\r\n", b"").replace(b"\n", b"")  # unfolding takes bare LF too, as dkimpy
+        if b"\t" in v:
+            v = v.replace(b"\t", b" ")
+        while b"  " in v:
+            v = v.replace(b"  ", b" ")
+        out.append((name.lower().rstrip(), v.strip() + b"\r\n"))
+    return out
+
+
 def _header_hash_input(
     fields: list[tuple[bytes, bytes]], keys: Iterable[str], relaxed: bool, sig_field: tuple[bytes, bytes]
 ) -> bytes:
     """The data whose hash is signed (RFC 6376 §3.7): the selected fields (bottom-up, absent
     instances skipped) then the signature field with an empty b= and no final CRLF."""
-    canon = Relaxed if relaxed else Simple
+    canon = relaxed_headers if relaxed else Simple.canonicalize_headers
     chosen = select_headers(fields, [k.strip().lower().encode("ascii", "replace") for k in keys])
-    parts = [n + b":" + v for n, v in canon.canonicalize_headers(chosen)]
-    name, value = canon.canonicalize_headers([(sig_field[0], RE_BTAG.sub(rb"\1", sig_field[1]))])[0]
+    parts = [n + b":" + v for n, v in canon(chosen)]
+    name, value = canon([(sig_field[0], RE_BTAG.sub(rb"\1", sig_field[1]))])[0]
     parts.append(name + b":" + value.rstrip())
     return b"".join(parts)
 

@@ -43,3 +43,15 @@ def test_block_canonicalization_matches_the_rfc(parts: list[bytes], relaxed: boo
         pos += c
     h.update(body[pos:])
     assert h.digest() == reference(body, relaxed)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"Subject", b"FROM ", b"x-Y\t"]),
+                          st.lists(st.sampled_from([b"a", b" ", b"\t", b"\r\n ", b"\r\n\t", b"\r", b"\n", b"b c"]),
+                                   max_size=10).map(lambda p: b"".join(p) + b"\r\n")), max_size=4))
+def test_relaxed_headers_match_dkimpy(fields: list[tuple[bytes, bytes]]) -> None:
+    from dkim.canonicalization import Relaxed
+
+    from pymaddy.dkim.core import relaxed_headers
+
+    assert relaxed_headers(fields) == Relaxed.canonicalize_headers(fields)
