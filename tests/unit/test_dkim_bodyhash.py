@@ -55,3 +55,14 @@ def test_relaxed_headers_match_dkimpy(fields: list[tuple[bytes, bytes]]) -> None
     from pymaddy.dkim.core import relaxed_headers
 
     assert relaxed_headers(fields) == Relaxed.canonicalize_headers(fields)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b" b=", b";b =", b"\tb\r\n =", b"abc+/=", b" ", b"\r\n ", b";", b"x=y", b"bh=z",
+                                 b"\r\n"]), max_size=12).map(b"".join))
+def test_b_tag_removal_matches_dkimpy(value: bytes) -> None:
+    from dkim import RE_BTAG
+
+    from pymaddy.dkim.core import B_TAG
+
+    assert B_TAG.sub(rb"\1", value) == RE_BTAG.sub(rb"\1", value)
