@@ -249,7 +249,10 @@ class CheckRunner:
         try:
             if not lst:
                 return
-            errs = await asyncio.gather(*(self._one(i, stage, args) for i in lst))
+            if len(lst) == 1:  # the usual `check { … }` group: no task needed to run one coroutine
+                errs = [await self._one(lst[0], stage, args)]
+            else:
+                errs = list(await asyncio.gather(*(self._one(i, stage, args) for i in lst)))
             for e in errs:
                 if e is not None:
                     raise e
