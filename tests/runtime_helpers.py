@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pymaddy.compiler.graph import Graph, ModuleInstance
 from pymaddy.config.ir import Node
 from pymaddy.runtime import metrics
-from pymaddy.runtime.log import Logger, Output
+from pymaddy.runtime.log import Logger, NopOutput, Output
 from pymaddy.runtime.module import Module, RuntimeContext
 from pymaddy.runtime.options import RunOptions
 from pymaddy.runtime.supervisor import load_class
@@ -79,12 +79,35 @@ def dependency_order(roots: Sequence[ModuleInstance]) -> list[ModuleInstance]:
     return order
 
 
-def compile_graph(text: str, environ: dict[str, str] | None = None) -> Graph:
+def compile_graph(text: str, environ: dict[str, str] | None = None, *, strict: bool = False) -> Graph:
+    """The graph of `text`; any compile error fails the test (with `strict`, also the ones a lone
+    block always gets)."""
     res = compile_text(text, environ=environ)
-    errs = [str(e) for e in res.errors if not any(n in str(e) for n in STANDALONE_NOISE)]
+    errs = [str(e) for e in res.errors if strict or not any(n in str(e) for n in STANDALONE_NOISE)]
     assert not errs, errs
     assert res.graph is not None
     return res.graph
+
+
+def bare_context(
+    graph: Graph,
+    state_dir: str | os.PathLike[str] = "/nonexistent",
+    runtime_dir: str | os.PathLike[str] | None = None,
+    *,
+    logger: Logger | None = None,
+    **options: Any,
+) -> RuntimeContext:
+    """A RuntimeContext whose `objects` the test fills itself (for checks and targets built by hand);
+    `options` go to RunOptions (`dns_override`, `libexec`…)."""
+    return RuntimeContext(
+        options=RunOptions(config="maddy.conf", **options),
+        graph=graph,
+        generation=1,
+        logger=logger or Logger(out=NopOutput()),
+        metrics=metrics.Registry(),
+        state_dir=os.fspath(state_dir),
+        runtime_dir=os.fspath(runtime_dir if runtime_dir is not None else state_dir),
+    )
 
 
 class Runtime:

@@ -18,12 +18,8 @@ from pymaddy.mail.message import Body, ConnInfo, Header, MsgMeta
 from pymaddy.pipeline.groups import CheckGroup
 from pymaddy.pipeline.interfaces import CheckResult, Delivery, DeliveryTarget
 from pymaddy.pipeline.runner import PipelineRunner
-from pymaddy.runtime import metrics
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import STANDALONE_NOISE, compile_text
+from pymaddy.runtime.module import Module, ModuleError
+from tests.runtime_helpers import bare_context, compile_graph
 
 HEADER = Header.parse(b"From: a@example.org\r\nSubject: hi\r\n")
 BODY = b"Hello\r\nworld\r\n"
@@ -47,20 +43,9 @@ def make_meta() -> MsgMeta:
 
 @asynccontextmanager
 async def command(line: str, libexec: str = "/nonexistent") -> AsyncIterator[CommandCheck]:
-    res = compile_text(f"checks g {{\n{line}\n}}\n")
-    errs = [str(e) for e in res.errors if not any(n in str(e) for n in STANDALONE_NOISE)]
-    assert not errs, errs
-    assert res.graph is not None
-    (inst,) = res.graph.blocks["g"].settings["members"]
-    ctx = RuntimeContext(
-        options=RunOptions(config="maddy.conf", libexec=libexec),
-        graph=res.graph,
-        generation=0,
-        logger=Logger(out=NopOutput()),
-        metrics=metrics.REGISTRY,
-        state_dir="/nonexistent",
-        runtime_dir="/nonexistent",
-    )
+    graph = compile_graph(f"checks g {{\n{line}\n}}\n")
+    (inst,) = graph.blocks["g"].settings["members"]
+    ctx = bare_context(graph, libexec=libexec)
     chk = CommandCheck(inst, ctx)
     await chk.start()
     try:
@@ -377,18 +362,8 @@ async def through_pipeline(tmp: Path, check: str) -> tuple[SMTPError | None, lis
         f"state_dir {tmp}\nruntime_dir {tmp}\nhostname mx.example.net\ntls off\ndummy t\n"
         f"smtp tcp://127.0.0.1:1 {{\n check {{\n{check}\n }}\n deliver_to &t\n}}\n"
     )
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x"),
-        graph=g,
-        generation=1,
-        logger=Logger("", NopOutput()),
-        metrics=Registry(),
-        state_dir=str(tmp),
-        runtime_dir=str(tmp),
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, str(tmp))
     target = Recorder()
     for inst in g.instances:
         obj: Any

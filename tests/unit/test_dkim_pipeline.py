@@ -13,11 +13,8 @@ from pymaddy.modify.dkim import DKIMSigner
 from pymaddy.pipeline.groups import CheckGroup, ModifierGroup
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget
 from pymaddy.pipeline.runner import PipelineRunner
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import Module, RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import compile_text
+from pymaddy.runtime.module import Module
+from tests.runtime_helpers import bare_context, compile_graph
 from tests.unit.test_dkim_helpers import MESSAGE, split_message
 
 
@@ -46,18 +43,8 @@ class Recorder(DeliveryTarget):
 
 async def pipeline(tmp: Path, conf: str, records: dict[str, str]) -> tuple[PipelineRunner, Recorder]:
     text = f"state_dir {tmp}\nruntime_dir {tmp}\nhostname mx.example.net\ntls off\ndummy t\n{conf}\n"
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x"),
-        graph=g,
-        generation=1,
-        logger=Logger("", NopOutput()),
-        metrics=Registry(),
-        state_dir=str(tmp),
-        runtime_dir=str(tmp),
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, str(tmp))
     target = Recorder()
 
     async def txt(name: str) -> list[str]:

@@ -12,12 +12,9 @@ from pymaddy.checks.dns_checks import RequireMatchingRDNS, RequireMXRecord
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import ConnInfo, MsgMeta
 from pymaddy.pipeline.interfaces import CheckResult
-from pymaddy.runtime import metrics
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.module import Module, RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import STANDALONE_NOISE, compile_text
+from pymaddy.runtime.module import Module
 from tests.dnsserver import DNSServer
+from tests.runtime_helpers import bare_context, compile_graph
 
 
 @pytest.fixture
@@ -37,20 +34,9 @@ def dns_server() -> Iterator[DNSServer]:
 
 @asynccontextmanager
 async def check(srv: DNSServer, cls: type[Module], name: str, block: str = "") -> AsyncIterator[Module]:
-    res = compile_text(f"{name} chk {{\n{block}\n}}\n")
-    errs = [str(e) for e in res.errors if not any(n in str(e) for n in STANDALONE_NOISE)]
-    assert not errs, errs
-    assert res.graph is not None
-    ctx = RuntimeContext(
-        options=RunOptions(config="maddy.conf", dns_override=srv.override),
-        graph=res.graph,
-        generation=0,
-        logger=Logger(out=NopOutput()),
-        metrics=metrics.REGISTRY,
-        state_dir="/nonexistent",
-        runtime_dir="/nonexistent",
-    )
-    obj = cls(res.graph.blocks["chk"], ctx)
+    graph = compile_graph(f"{name} chk {{\n{block}\n}}\n")
+    ctx = bare_context(graph, dns_override=srv.override)
+    obj = cls(graph.blocks["chk"], ctx)
     await obj.start()
     try:
         yield obj

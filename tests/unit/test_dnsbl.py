@@ -18,13 +18,11 @@ from pymaddy.mail.message import Body, ConnInfo, Header, MsgMeta
 from pymaddy.pipeline.groups import CheckGroup
 from pymaddy.pipeline.interfaces import CheckResult, Delivery, DeliveryTarget
 from pymaddy.pipeline.runner import PipelineRunner
-from pymaddy.runtime import metrics
 from pymaddy.runtime.log import Logger, Output
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import Module, RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import STANDALONE_NOISE, compile_text
+from pymaddy.runtime.module import Module
+from tests.confhelp import compile_text
 from tests.dnsserver import DNSServer
+from tests.runtime_helpers import bare_context, compile_graph
 
 V6_LISTED = "2001:db8::1"
 V6_CLEAN = "2001:db8::2"
@@ -69,20 +67,9 @@ def dns_server() -> Iterator[DNSServer]:
 async def dnsbl(
     srv: DNSServer, block: str, out: Output | None = None, inst: ModuleInstance | None = None
 ) -> AsyncIterator[DNSBL]:
-    res = compile_text(f"check.dnsbl chk {{\n{block}\n}}\n")
-    errs = [str(e) for e in res.errors if not any(n in str(e) for n in STANDALONE_NOISE)]
-    assert not errs, errs
-    assert res.graph is not None
-    ctx = RuntimeContext(
-        options=RunOptions(config="maddy.conf", dns_override=srv.override),
-        graph=res.graph,
-        generation=0,
-        logger=Logger(out=out or Capture()),
-        metrics=metrics.REGISTRY,
-        state_dir="/nonexistent",
-        runtime_dir="/nonexistent",
-    )
-    obj = DNSBL(inst or res.graph.blocks["chk"], ctx)
+    graph = compile_graph(f"check.dnsbl chk {{\n{block}\n}}\n")
+    ctx = bare_context(graph, logger=Logger(out=out or Capture()), dns_override=srv.override)
+    obj = DNSBL(inst or graph.blocks["chk"], ctx)
     await obj.start()
     try:
         yield obj
@@ -391,18 +378,8 @@ async def smtp_pipeline(tmp: Path, srv: DNSServer, check: str) -> AsyncIterator[
         f"state_dir {tmp}\nruntime_dir {tmp}\nhostname mx.example.net\ntls off\ndummy t\n"
         f"smtp tcp://127.0.0.1:1 {{\n check {{\n{check}\n }}\n deliver_to &t\n}}\n"
     )
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x", dns_override=srv.override),
-        graph=g,
-        generation=1,
-        logger=Logger("", Capture()),
-        metrics=Registry(),
-        state_dir=str(tmp),
-        runtime_dir=str(tmp),
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, tmp, logger=Logger("", Capture()), dns_override=srv.override)
     target = Recorder()
     started: list[Module] = []
     for inst in g.instances:

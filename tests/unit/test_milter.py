@@ -29,12 +29,9 @@ from pymaddy.milter import client as mc
 from pymaddy.pipeline.groups import CheckGroup
 from pymaddy.pipeline.interfaces import CheckResult
 from pymaddy.pipeline.runner import PipelineRunner
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import Module, RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import compile_text, errors_of
-from tests.runtime_helpers import compile_graph
+from pymaddy.runtime.module import Module
+from tests.confhelp import errors_of
+from tests.runtime_helpers import bare_context, compile_graph
 from tests.unit.test_check_command import Recorder
 from tests.unit.test_dkim_helpers import MESSAGE, build, join_message, split_message
 from tests.unit.test_dkim_opendkim import DATA, check_with_pymaddy
@@ -445,18 +442,8 @@ async def through_pipeline(
         f"state_dir {tmp}\nruntime_dir {tmp}\nhostname mx.example.net\ntls off\ndummy t\n"
         f"smtp tcp://127.0.0.1:1 {{\n check {{\n{check}\n }}\n deliver_to &t\n}}\n"
     )
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x"),
-        graph=g,
-        generation=1,
-        logger=Logger("", NopOutput()),
-        metrics=Registry(),
-        state_dir=str(tmp),
-        runtime_dir=str(tmp),
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, str(tmp))
     target = Recorder()
     for inst in g.instances:
         obj: Any

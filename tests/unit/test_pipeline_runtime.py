@@ -26,11 +26,7 @@ from pymaddy.pipeline.interfaces import (
 )
 from pymaddy.pipeline.limits import Limits
 from pymaddy.pipeline.runner import PipelineRunner, fold, format_auth_results, received_value
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import compile_text
+from tests.runtime_helpers import bare_context, compile_graph
 
 # -- fakes -----------------------------------------------------------------------------------
 
@@ -158,18 +154,8 @@ class SenderSpy(Modifier):
 def build(conf: str) -> tuple[PipelineRunner, dict[str, Any]]:
     """Compile `conf` (one smtp endpoint); fakes stand in for dummy / require_mx_record / replace_rcpt."""
     text = f"state_dir /tmp/pm-state\nruntime_dir /tmp/pm-run\nhostname mx.test\ntls off\n{conf}\n"
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x"),
-        graph=g,
-        generation=1,
-        logger=Logger("", NopOutput()),
-        metrics=Registry(),
-        state_dir="/tmp/pm-state",
-        runtime_dir="/tmp/pm-run",
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, "/tmp/pm-state", "/tmp/pm-run")
     named: dict[str, Any] = {}
     for inst in g.instances:
         key = inst.instance or f"{inst.name}:{inst.node.line}"

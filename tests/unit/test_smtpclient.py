@@ -25,14 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, ConnInfo, Header, MsgMeta
 from pymaddy.pipeline.interfaces import PartialDelivery
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.metrics import Registry
-from pymaddy.runtime.module import RuntimeContext
-from pymaddy.runtime.options import RunOptions
 from pymaddy.targets.smtp import LMTPTarget, SMTPTarget, map_error
 from pymaddy.targets.smtpclient import SMTPClient, TLSError, dot_stuff, parse_reply
 from pymaddy.tls.loaders import load_into, make_self_signed
-from tests.confhelp import compile_text
+from tests.runtime_helpers import bare_context, compile_graph
 
 SINK = "/usr/sbin/smtp-sink"
 
@@ -373,18 +369,8 @@ async def make_target(tmp: Path, inline: str, block: str = "") -> SMTPTarget:
     route = f"deliver_to {inline} {{\n{block}\n}}"
     glob = f"state_dir {tmp}\nruntime_dir {tmp}\nhostname mx.example.org\ntls off\n"
     text = glob + f"smtp tcp://127.0.0.1:1 {{\n{route}\n}}\n"
-    res = compile_text(text)
-    assert res.graph is not None and res.ok, [str(e) for e in res.errors]
-    g = res.graph
-    ctx = RuntimeContext(
-        options=RunOptions(config="x"),
-        graph=g,
-        generation=1,
-        logger=Logger("", NopOutput()),
-        metrics=Registry(),
-        state_dir=str(tmp),
-        runtime_dir=str(tmp),
-    )
+    g = compile_graph(text, strict=True)
+    ctx = bare_context(g, str(tmp))
     [inst] = [i for i in g.instances if i.name in ("target.smtp", "target.lmtp")]
     target = LMTPTarget(inst, ctx) if inst.name == "target.lmtp" else SMTPTarget(inst, ctx)
     await target.start()

@@ -12,12 +12,8 @@ from pymaddy.checks.spf import SPFCheck, organizational_domain, prepare_mail_fro
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, ConnInfo, Header, MsgMeta
 from pymaddy.pipeline.interfaces import CheckResult
-from pymaddy.runtime import metrics
-from pymaddy.runtime.log import Logger, NopOutput
-from pymaddy.runtime.module import RuntimeContext
-from pymaddy.runtime.options import RunOptions
-from tests.confhelp import STANDALONE_NOISE, compile_text
 from tests.dnsserver import DNSServer
+from tests.runtime_helpers import bare_context, compile_graph
 
 GOOD_IP = "192.0.2.10"
 BAD_IP = "203.0.113.5"
@@ -43,20 +39,9 @@ def dns_server() -> Iterator[DNSServer]:
 
 @asynccontextmanager
 async def checker(srv: DNSServer, block: str = "") -> AsyncIterator[SPFCheck]:
-    res = compile_text(f"check.spf chk {{\n{block}\n}}\n")
-    errs = [str(e) for e in res.errors if not any(n in str(e) for n in STANDALONE_NOISE)]
-    assert not errs, errs
-    assert res.graph is not None
-    ctx = RuntimeContext(
-        options=RunOptions(config="maddy.conf", dns_override=srv.override),
-        graph=res.graph,
-        generation=0,
-        logger=Logger(out=NopOutput()),
-        metrics=metrics.REGISTRY,
-        state_dir="/nonexistent",
-        runtime_dir="/nonexistent",
-    )
-    chk = SPFCheck(res.graph.blocks["chk"], ctx)
+    graph = compile_graph(f"check.spf chk {{\n{block}\n}}\n")
+    ctx = bare_context(graph, dns_override=srv.override)
+    chk = SPFCheck(graph.blocks["chk"], ctx)
     ctx.objects[id(chk.inst)] = chk
     await chk.start()
     try:
