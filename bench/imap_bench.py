@@ -74,6 +74,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import fmt, free_port, server_env, vm_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
 MAKE_MBOX = ANCHORS / "make_mbox.py"
@@ -332,24 +334,6 @@ def load_messages(count: int, seed: int = 1) -> list[bytes]:
 # -- servers ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def vm_kib(pid: int, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def dovecot_pids() -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -429,14 +413,6 @@ class RssSampler(threading.Thread):
         self.stop_ev.set()
         self.join(10)
         return self.peak_kib / 1024
-
-
-def server_env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e["PYMADDY_ALLOW_ROOT"] = "1"
-    e["PYMADDY_WATCH_CONFIG"] = "0"
-    return e
 
 
 class PymaddyServer:
@@ -919,10 +895,6 @@ def run_target(name: str, args: argparse.Namespace, users: Sequence[str], small:
 
 
 # -- report ------------------------------------------------------------------------------------------------
-
-
-def fmt(v: float | None, spec: str = ".0f") -> str:
-    return "—" if v is None else format(v, spec)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

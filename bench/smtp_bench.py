@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -42,6 +41,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchlib import cpu_seconds, fmt, free_port, server_env, vm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
@@ -101,42 +102,6 @@ class Result:
     def peak_rss(self, target: str) -> float | None:
         rs = [r.rss_mb for r in self.runs.get(target, []) if r.ok]
         return max(rs) if rs else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def vm_kib(pid: int, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+sys CPU time of a process so far (from /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def server_env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e["PYMADDY_ALLOW_ROOT"] = "1"
-    e["PYMADDY_WATCH_CONFIG"] = "0"
-    return e
 
 
 class PymaddyServer:
@@ -258,10 +223,6 @@ def run_anchor(target: str, cell: Cell, timeout: float) -> Run:
     ok = rec.get("source_rc") == 0 and rec.get("delivered") == cell.messages
     note = "" if ok else f"source_rc={rec.get('source_rc')} delivered={rec.get('delivered')}"
     return Run(float(rec["e2e_msg_s"]), rec.get("hwm_sum_kib", 0) / 1024, ok, note)
-
-
-def fmt(v: float | None, spec: str = ".0f") -> str:
-    return "—" if v is None else format(v, spec)
 
 
 def anchors_ready() -> str:
