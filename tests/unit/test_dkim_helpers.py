@@ -99,12 +99,23 @@ class ZoneServer:
         self.records = {k.lower().rstrip("."): v for k, v in records.items()}
         self.servfail = {s.lower().rstrip(".") for s in servfail}
         self.queries: list[str] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, port))
-        self.port: int = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
+        # UDP and TCP on one port; with port 0 the TCP side of the chosen port may be taken
+        # (an outgoing connection's ephemeral port): then try another, as tests/dnsserver.py does.
+        for attempt in range(20):
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((host, port))
+            self.port: int = self.udp.getsockname()[1]
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.tcp.bind((host, self.port))
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+                if port or attempt == 19:
+                    raise
+                continue
+            break
         self.tcp.listen(16)
         self.addr = f"{host}:{self.port}"
         self._threads = [
