@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pymaddy.auth.throttle import Policy
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import Bool, Ctx, Custom, Directive, Domain, Enum, ModuleRef, String, StringList
 from pymaddy.config.values import NORMALIZERS
+from pymaddy.endpoints.schema import auth_throttle
 from pymaddy.tls.schema import TLS_CLIENT, TLS_SERVER
 
 DEFAULT_CONFIG = "/etc/maddy/maddy.conf"
@@ -33,6 +35,7 @@ GLOBAL_DIRECTIVES: tuple[Directive, ...] = (
     Directive("debug", Bool(), False),
     Directive("auth_map", ModuleRef("table", "table"), None),
     Directive("auth_map_normalize", Enum(NORMALIZERS), "auto"),
+    Directive("auth_throttle", Custom(auth_throttle, allow_block=True), Policy(), doc="login failure limits"),
     # Legacy directives maddy still accepts and ignores.
     Directive("storage_perdomain", Bool(), False),
     Directive("auth_perdomain", Bool(), False),

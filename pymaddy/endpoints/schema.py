@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from pymaddy.auth.throttle import Policy
 from pymaddy.config.errors import ConfigError
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import (
@@ -132,6 +133,43 @@ DEBUG = Directive("debug", Bool(), False, inherit=True)
 PROXY = Directive("proxy_protocol", Custom(_proxy_protocol, allow_block=True), None)
 
 
+def auth_throttle(node: Node, ctx: Ctx) -> Policy | None:
+    """`auth_throttle off` or a block overriding Policy's defaults (a pymaddy extension)."""
+    if node.args == ["off"] and not node.has_block:
+        return None
+    if node.args:
+        raise ConfigError.at(node, "auth_throttle: expected 'off' or a block")
+    d = Policy()
+    s = ctx.block(
+        node,
+        (
+            Directive("delay_after", Int(), d.delay_after, doc="failures answered without delay"),
+            Directive("max_delay", Duration(), d.max_delay),
+            Directive("ip_failures", Int(), d.ip_limit, doc="failures per IP before it is refused; 0: never"),
+            Directive("user_failures", Int(), d.user_limit, doc="failures per username before it is refused"),
+            Directive("window", Duration(), d.window),
+            Directive("lockout", Duration(), d.lockout),
+        ),
+        "auth_throttle",
+    )
+    for name in ("delay_after", "ip_failures", "user_failures"):
+        if s[name] < 0:
+            raise ConfigError.at(s.nodes.get(name, node), f"auth_throttle: {name} must not be negative")
+    return Policy(
+        delay_after=s["delay_after"],
+        max_delay=s["max_delay"],
+        ip_limit=s["ip_failures"],
+        user_limit=s["user_failures"],
+        window=s["window"],
+        lockout=s["lockout"],
+    )
+
+
+AUTH_THROTTLE = Directive(
+    "auth_throttle", Custom(auth_throttle, allow_block=True), Policy(), inherit=True, doc="login failure limits"
+)
+
+
 def _smtp_schema(name: str) -> ModuleSchema:
     lmtp = name == "lmtp"
     return ModuleSchema(
@@ -145,6 +183,7 @@ def _smtp_schema(name: str) -> ModuleSchema:
             Directive("sasl_login", Bool(), False),
             AUTH_MAP,
             AUTH_MAP_NORMALIZE,
+            AUTH_THROTTLE,
             Directive("insecure_auth", Bool(), False, inherit=lmtp),
             Directive("read_timeout", Duration(), 600.0),
             Directive("write_timeout", Duration(), 60.0),
@@ -190,6 +229,7 @@ IMAP = ModuleSchema(
         Directive("storage_map_normalize", Enum(NORMALIZERS), "auto"),
         AUTH_MAP,
         AUTH_MAP_NORMALIZE,
+        AUTH_THROTTLE,
         Directive("insecure_auth", Bool(), False),
         Directive("io_debug", Bool(), False),
         Directive("io_errors", Bool(), False),
@@ -221,7 +261,15 @@ OPENMETRICS = ModuleSchema(
 DOVECOT_SASLD = ModuleSchema(
     name="dovecot_sasld",
     roles=roles("endpoint"),
-    directives=(LISTEN, AUTH, Directive("sasl_login", Bool(), False), AUTH_MAP, AUTH_MAP_NORMALIZE, DEBUG),
+    directives=(
+        LISTEN,
+        AUTH,
+        Directive("sasl_login", Bool(), False),
+        AUTH_MAP,
+        AUTH_MAP_NORMALIZE,
+        AUTH_THROTTLE,
+        DEBUG,
+    ),
     inline=_endpoint_inline,
     doc="serves Dovecot's SASL protocol so Postfix can authenticate against pymaddy",
 )

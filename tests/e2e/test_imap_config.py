@@ -115,7 +115,7 @@ def test_proxy_protocol_source_address_and_io_debug(server: tuple[Server, dict[s
     assert f.readline().startswith(b"* OK [CAPABILITY ")
     s.sendall(b'a LOGIN "user" "wrong"\r\n')
     assert f.readline().startswith(b"a NO [AUTHENTICATIONFAILED]")
-    srv.wait_for('"src_ip":"10.1.2.3"')
+    srv.wait_for('"src_ip":"10.1.2.3:4242"')  # ip:port, as fail2ban's maddy-auth filter expects
     s.sendall(b"b NOOP\r\n")
     assert f.readline() == b"b OK NOOP completed\r\n"
     srv.wait_for("C: b NOOP")  # io_debug logs the commands (never the LOGIN arguments)

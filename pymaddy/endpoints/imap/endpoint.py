@@ -8,6 +8,7 @@ from typing import Any
 from pymaddy.auth import normalize
 from pymaddy.auth.base import PlainAuth
 from pymaddy.auth.normalize import NormalizeError
+from pymaddy.auth.throttle import guarded, throttle_for
 from pymaddy.mail.errors import AuthError, AuthTemporaryError
 from pymaddy.pipeline.runner import module_of
 from pymaddy.runtime.listeners import Listener
@@ -40,6 +41,7 @@ class IMAPEndpoint(StreamEndpoint):
         except NormalizeError as e:
             raise ModuleError(f"imap: {e}") from None
         self.auth: list[PlainAuth] = []
+        self.throttle = throttle_for(s.get("auth_throttle"))
         self.auth_map: Table | None = None
         self.storage_map: Table | None = None
         self.storage: IMAPSQL | None = None
@@ -90,7 +92,11 @@ class IMAPEndpoint(StreamEndpoint):
 
     # -- authentication ----------------------------------------------------------------------------------
 
-    async def check_password(self, user: str, password: str) -> Exception | None:
+    async def check_password(self, user: str, password: str, ip: str = "") -> Exception | None:
+        """The providers' verdict under the endpoint's auth_throttle."""
+        return await guarded(self.throttle, ip, user, lambda: self._check_password(user, password))
+
+    async def _check_password(self, user: str, password: str) -> Exception | None:
         """auth_map_normalize + auth_map, then the providers in order; the first that accepts wins."""
         last: Exception = AuthError("no auth providers")
         try:

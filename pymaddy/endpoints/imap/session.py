@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymaddy.auth.throttle import Throttled
 from pymaddy.endpoints.imap import fetch as fetchmod
 from pymaddy.endpoints.imap.io import Closed, IMAPStream, LineTooLong
 from pymaddy.imap import parser as P
@@ -115,6 +116,7 @@ class Session:
         self.tls = conn.writer.get_extra_info("ssl_object") is not None
         peer = conn.peer
         self.remote_ip = str(peer[0]) if isinstance(peer, tuple) and len(peer) >= 2 else "127.0.0.1"
+        self.remote_port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
         self.user = ""  # the login name, once authenticated
         self.store: AccountStore | None = None
         self.view: View | None = None
@@ -124,6 +126,12 @@ class Session:
         self._unsubscribe: Any = None
         self._last_poll = 0.0
         self.idling = False
+
+    @property
+    def src(self) -> str:
+        """`ip:port` as maddy logs it (fail2ban's maddy-auth filter expects the port)."""
+        ip = f"[{self.remote_ip}]" if ":" in self.remote_ip else self.remote_ip
+        return f"{ip}:{self.remote_port}"
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -194,12 +202,12 @@ class Session:
         try:
             info = await read_proxy_header(self.conn.reader)
         except Exception as e:
-            self.log.error("invalid PROXY protocol header", err=str(e) or type(e).__name__, src_ip=self.remote_ip)
+            self.log.error("invalid PROXY protocol header", err=str(e) or type(e).__name__, src_ip=self.src)
             return False
         trust = getattr(self.e.proxy, "trust", None) or []
         trusted = not trust or any(_in_net(self.remote_ip, n) for n in trust)
         if info and not isinstance(info, bool) and trusted:
-            self.remote_ip = info.ip
+            self.remote_ip, self.remote_port = info.ip, info.port
         return True
 
     async def readline(self, idle: bool) -> bytes:
@@ -390,7 +398,7 @@ class Session:
                 transport = await loop.start_tls(w.transport, w._protocol, self.e.tls_ctx,  # type: ignore[attr-defined]
                                                  server_side=True)
         except (ssl.SSLError, OSError, TimeoutError) as e:
-            self.log.debug("TLS handshake failed", reason=str(e), src_ip=self.remote_ip)
+            self.log.debug("TLS handshake failed", reason=str(e), src_ip=self.src)
             raise Closed from None
         if transport is None:
             raise Closed
@@ -450,18 +458,20 @@ class Session:
             return None
 
     async def _login(self, tag: str, user: str, password: str) -> None:
-        err = await self.e.check_password(user, password)
+        err = await self.e.check_password(user, password, self.remote_ip)
         if err is not None:
-            self.log.msg("authentication failed", reason=str(err), src_ip=self.remote_ip, username=user)
+            self.log.msg("authentication failed", reason=str(err), src_ip=self.src, username=user)
             self.e.failed_login()
-            if isinstance(err, AuthTemporaryError):
+            if isinstance(err, Throttled):
+                self.tagged(tag, "NO", "[UNAVAILABLE] Too many failed logins, try again later")
+            elif isinstance(err, AuthTemporaryError):
                 self.tagged(tag, "NO", "[UNAVAILABLE] Temporary authentication failure")
             else:
                 self.tagged(tag, "NO", "[AUTHENTICATIONFAILED] Invalid credentials")
             return
         acct_name = await self.e.storage_account(user)
         if acct_name is None:
-            self.log.msg("authentication failed", reason="no storage account", src_ip=self.remote_ip,
+            self.log.msg("authentication failed", reason="no storage account", src_ip=self.src,
                          username=user)
             self.e.failed_login()
             self.tagged(tag, "NO", "[AUTHENTICATIONFAILED] Invalid credentials")

@@ -10,6 +10,7 @@ from typing import Any
 from pymaddy.auth import normalize
 from pymaddy.auth.base import PlainAuth
 from pymaddy.auth.normalize import NormalizeError
+from pymaddy.auth.throttle import guarded, throttle_for
 from pymaddy.endpoints.smtp.session import Session
 from pymaddy.mail.errors import AuthError, AuthTemporaryError
 from pymaddy.pipeline.limits import Limits
@@ -61,6 +62,7 @@ class SMTPEndpoint(StreamEndpoint):
         self.sasl_login = bool(s.get("sasl_login"))
         self.mechanisms = ["PLAIN", "LOGIN"] if self.sasl_login else ["PLAIN"]
         self.auth: list[PlainAuth] = []
+        self.throttle = throttle_for(s.get("auth_throttle"))
         try:
             self.auth_normalize = normalize.get(str(s.get("auth_map_normalize") or "auto"))
         except NormalizeError as e:
@@ -131,7 +133,11 @@ class SMTPEndpoint(StreamEndpoint):
             raise AuthError("invalid credentials")
         return mapped
 
-    async def check_password(self, user: str, password: str) -> Exception | None:
+    async def check_password(self, user: str, password: str, ip: str = "") -> Exception | None:
+        """The providers' verdict under the endpoint's auth_throttle."""
+        return await guarded(self.throttle, ip, user, lambda: self._check_password(user, password))
+
+    async def _check_password(self, user: str, password: str) -> Exception | None:
         """Providers in order; the first that accepts wins, else the last error."""
         last: Exception = AuthError("no auth providers")
         for p in self.auth:

@@ -11,6 +11,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING
 
+from pymaddy.auth.throttle import Throttled
 from pymaddy.endpoints.smtp.protocol import (
     MALFORMED_HEADER,
     DotDecoder,
@@ -460,10 +461,12 @@ class Session:
                 self.e.failed_login()
                 await self.reply(535, (5, 7, 8), "Invalid credentials")
                 return
-        err = await self.e.check_password(user, pwd)
+        err = await self.e.check_password(user, pwd, self.remote_ip)
         if err is not None:
             self._auth_failed(log_user or user, str(err))
-            if isinstance(err, AuthTemporaryError):
+            if isinstance(err, Throttled):
+                await self.reply(454, (4, 7, 0), "Too many failed logins, try again later")
+            elif isinstance(err, AuthTemporaryError):
                 await self.reply(454, (4, 7, 0), "Temporary authentication failure")
             else:
                 await self.reply(535, (5, 7, 8), "Invalid credentials")
