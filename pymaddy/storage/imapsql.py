@@ -114,6 +114,16 @@ def user_does_not_exist(reason: str = "") -> SMTPError:
     return SMTPError(501, (5, 1, 1), "User does not exist", target="imapsql", reason=reason)
 
 
+def mailbox_full(reason: str = "") -> SMTPError:
+    return SMTPError(552, (5, 2, 2), "Mailbox is full", target="imapsql", reason=reason)
+
+
+def _usage_bytes(c: sqlite3.Connection, account_id: int) -> int:
+    (size,) = c.execute("SELECT coalesce(sum(m.size), 0) FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id "
+                        "WHERE b.account_id = ?", (account_id,)).fetchone()
+    return int(size)
+
+
 def _storage_smtp_error(e: BaseException) -> SMTPError:
     if isinstance(e, SMTPError):
         return e
@@ -130,6 +140,7 @@ class Account:
     id: int
     name: str
     appendlimit: int | None
+    quota: int | None = None  # bytes (schema v4); checked at RCPT/LMTP delivery, APPEND, COPY
 
 
 @dataclass(frozen=True)
@@ -192,8 +203,8 @@ _MBOX_COLS = "id, account_id, name, uidvalidity, uidnext, highestmodseq, special
 
 
 def _get_account(conn: sqlite3.Connection, name: str) -> Account | None:
-    r = conn.execute("SELECT id, name, appendlimit FROM accounts WHERE name = ?", (name,)).fetchone()
-    return Account(r[0], r[1], r[2]) if r else None
+    r = conn.execute("SELECT id, name, appendlimit, quota FROM accounts WHERE name = ?", (name,)).fetchone()
+    return Account(r[0], r[1], r[2], r[3]) if r else None
 
 
 def _require_account(conn: sqlite3.Connection, name: str) -> Account:
@@ -745,7 +756,19 @@ class IMAPSQLDelivery(PartialDelivery):
         acct = await self.store.resolve_recipient(rcpt)
         if acct.name in self.rcpts:
             return
+        if acct.quota is not None:
+            # RFC 3463 §3.3 X.2.2 "mailbox full"; with SIZE= declared (RFC 1870) the message itself counts
+            await self._check_quota(acct, max(self.meta.size, 0))
         self.rcpts[acct.name] = _Rcpt(rcpt, acct)
+
+    async def _check_quota(self, acct: Account, size: int) -> None:
+        try:
+            used = await self.store._db().read(lambda c: _usage_bytes(c, acct.id))
+        except Exception as e:
+            raise _storage_smtp_error(e) from None
+        quota = acct.quota or 0
+        if used + size > quota or used >= quota:
+            raise mailbox_full(f"{used} of {quota} bytes used, message {size} bytes")
 
     async def body(self, header: Header, body: Body) -> None:
         if self.blob is not None:
@@ -790,6 +813,18 @@ class IMAPSQLDelivery(PartialDelivery):
                 self.placement[name] = res
 
     async def body_non_atomic(self, status: StatusCallback, header: Header, body: Body) -> None:
+        # LMTP reports each recipient on its own, so an account over quota (now that the size is
+        # known) fails alone and is not delivered to.
+        for name, r in list(self.rcpts.items()):
+            if r.account.quota is None:
+                continue
+            try:
+                await self._check_quota(r.account, body.size + len(header.to_bytes()))
+            except SMTPError as e:
+                status(r.rcpt_to, e)
+                del self.rcpts[name]
+        if not self.rcpts:
+            return
         try:
             await self.body(header, body)
         except SMTPError as e:

@@ -160,3 +160,33 @@ def test_lmtp_delivery(env: Env) -> None:
     wait_until(lambda: any(b"marker-lmtp" in v for v in env.blobs().values()), what="the LMTP message")
     stored = next(v for v in env.blobs().values() if b"marker-lmtp" in v)
     assert b"Received:" not in stored  # the LMTP path adds no Received (spec §B.1)
+
+
+def test_quota_refuses_mail_for_a_full_mailbox(env: Env) -> None:
+    """An account over its quota (imap-acct quota) gets 552 5.2.2: at RCPT when SIZE= says the message
+    will not fit, and per recipient over LMTP; the other recipients still get the message."""
+    pyenv = dict(os.environ, PYTHONPATH=str(ROOT), PYMADDY_ALLOW_ROOT="1")
+    conf = env.tmp / "maddy.conf"
+    for args in (["imap-acct", "create", "small@maddy.test"], ["imap-acct", "quota", "small@maddy.test", "-v", "2K"]):
+        r = subprocess.run([sys.executable, "-m", "pymaddy", "-config", str(conf), *args],
+                           capture_output=True, text=True, env=pyenv, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+    big = b"Subject: big\r\n\r\n" + b"y" * 3000 + b"\r\n"
+    with smtplib.SMTP("127.0.0.1", env.ports["ram"], timeout=20) as s:
+        s.ehlo("localhost")
+        s.mail("sender@maddy.test", ["SIZE=%d" % len(big)])
+        code, msg = s.rcpt("small@maddy.test")
+        assert code == 552 and msg.startswith(b"5.2.2 Mailbox is full"), msg
+        assert s.rcpt("testusr@maddy.test")[0] == 250
+    lm = smtplib.LMTP("127.0.0.1", env.ports["lmtp"], timeout=20)
+    try:
+        lm.ehlo("localhost")
+        refused = lm.sendmail("sender@maddy.test", ["small@maddy.test", "testusr@maddy.test"], big)
+    finally:
+        lm.close()
+    assert set(refused) == {"small@maddy.test"}
+    code, msg = refused["small@maddy.test"]
+    assert code == 552 and msg.startswith(b"5.2.2 Mailbox is full")
+    # a message that fits is still delivered
+    stored = env.deliver(env.ports["ram"], ["small@maddy.test"], b"Subject: small\r\n\r\nfits\r\n")
+    assert stored.endswith(b"fits\r\n")
