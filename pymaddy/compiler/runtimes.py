@@ -39,6 +39,8 @@ RUNTIMES: dict[str, str] = {
     # auth
     "auth.pass_table": "pymaddy.auth.pass_table:PassTable",
     "auth.plain_separate": "pymaddy.auth.plain_separate:PlainSeparate",
+    "auth.ldap": "pymaddy.auth.ldap:LDAPAuth",
+    "table.ldap": "pymaddy.auth.ldap:LDAPAuth",
     # checks
     "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
     "check.dkim": "pymaddy.checks.dkim:DKIMCheck",
