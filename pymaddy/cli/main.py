@@ -61,6 +61,7 @@ COMMAND_MODULES = {
     "imap-msgs": "pymaddy.cli.imap_msgs",
     "dev": "pymaddy.cli.dev",
     "dns": "pymaddy.cli.dns",
+    "queue": "pymaddy.cli.queue",
 }
 CORE_COMMANDS = frozenset({"run", "check-config", "verify-config", "version", "help"})
 

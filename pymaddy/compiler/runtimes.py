@@ -61,6 +61,7 @@ RUNTIMES: dict[str, str] = {
     # targets
     "target.smtp": "pymaddy.targets.smtp:SMTPTarget",
     "target.lmtp": "pymaddy.targets.smtp:LMTPTarget",
+    "target.queue": "pymaddy.queue.target:QueueTarget",
     # TLS
     "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
     "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",

@@ -1,0 +1,110 @@
+"""The control channel between `pymaddy queue` and a running server.
+
+The queue engine of a directory listens on `RUNTIME/queue-<hash of the directory's
+real path>.sock` (mode 0600). A client writes one JSON request line and reads one
+JSON reply line:
+
+    {"op": "flush", "id": "1a2b3c4d"}  →  {"ok": true, "count": 1}
+    {"op": "flush"}                    →  {"ok": true, "count": 12}   (every entry)
+    {"op": "remove", "id": "1a2b3c4d"} →  {"ok": false, "error": "no such queue entry"}
+
+(updatepipe.py only carries one-way notices; a command needs an answer.)
+No socket, or nobody listening, means no server runs that queue: the CLI then
+works on the files directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MAX_LINE = 4096
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def socket_path(runtime_dir: str, location: str) -> str:
+    key = hashlib.sha1(os.path.realpath(location).encode(), usedforsecurity=False).hexdigest()[:16]
+    return os.path.join(runtime_dir, f"queue-{key}.sock")
+
+
+class NotRunning(Exception):
+    """No server listens for this queue."""
+
+
+def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request; raises NotRunning when nobody listens."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n") and len(buf) < MAX_LINE:
+                chunk = s.recv(MAX_LINE)
+                if not chunk:
+                    break
+                buf += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NotRunning from None
+    except OSError as e:
+        raise NotRunning(str(e)) from None
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        return {"ok": False, "error": "bad reply from the server"}
+    return reply if isinstance(reply, dict) else {"ok": False, "error": "bad reply from the server"}
+
+
+class Server:
+    """The engine's end of the channel."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._ino = 0
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # stale socket of a process that died
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+            self._ino = os.stat(self.path).st_ino
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                req = json.loads(line)
+            except ValueError:
+                req = None
+            if isinstance(req, dict):
+                try:
+                    reply = await self.handler(req)
+                except Exception as e:
+                    reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+            else:
+                reply = {"ok": False, "error": "malformed request"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), 10)
+        except (ConnectionError, OSError, TimeoutError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+            self._server = None
+        with contextlib.suppress(OSError):
+            if self._ino and os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
