@@ -15,6 +15,7 @@ RUNTIMES: dict[str, str] = {
     "submission": "pymaddy.endpoints.smtp:SMTPEndpoint",
     "lmtp": "pymaddy.endpoints.smtp:SMTPEndpoint",
     "imap": "pymaddy.endpoints.imap.endpoint:IMAPEndpoint",
+    "dovecot_sasld": "pymaddy.endpoints.dovecot_sasld:DovecotSASLD",
     # pipeline and groups
     "msgpipeline": "pymaddy.pipeline.msgpipeline:MsgPipeline",
     "checks": "pymaddy.pipeline.groups:CheckGroup",
@@ -41,6 +42,10 @@ RUNTIMES: dict[str, str] = {
     "auth.plain_separate": "pymaddy.auth.plain_separate:PlainSeparate",
     "auth.ldap": "pymaddy.auth.ldap:LDAPAuth",
     "table.ldap": "pymaddy.auth.ldap:LDAPAuth",
+    "auth.external": "pymaddy.auth.external:ExternalAuth",
+    "auth.pam": "pymaddy.auth.external:PAMAuth",
+    "auth.shadow": "pymaddy.auth.external:ShadowAuth",
+    "dovecot_sasl": "pymaddy.auth.dovecot_sasl:DovecotSASLAuth",
     # checks
     "check.authorize_sender": "pymaddy.checks.authorize_sender:AuthorizeSender",
     "check.dkim": "pymaddy.checks.dkim:DKIMCheck",
@@ -65,4 +70,11 @@ RUNTIMES: dict[str, str] = {
     # TLS
     "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
     "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",
+}
+
+# Modules maddy has and pymaddy deliberately does not: `run` names the reason instead of
+# "not implemented yet" (check-config still accepts them, so a maddy config validates).
+UNSUPPORTED: dict[str, str] = {
+    "auth.netauth": "NetAuth has no maintained Python client; use auth.ldap or auth.external with a helper",
+    "table.netauth": "NetAuth has no maintained Python client; use table.ldap or table.sql_query",
 }

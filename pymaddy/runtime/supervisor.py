@@ -113,11 +113,16 @@ def unique_instances(graph: Graph) -> list[ModuleInstance]:
 
 def missing_runtimes(graph: Graph) -> list[str]:
     """`FILE:LINE: module NAME is not implemented yet` for every module without an implementation."""
-    return [
-        f"{_where(i)}: module {i.schema.name} is not implemented yet"
-        for i in unique_instances(graph)
-        if i.schema.runtime is None
-    ]
+    return [_not_implemented(i) for i in unique_instances(graph) if i.schema.runtime is None]
+
+
+def _not_implemented(inst: ModuleInstance) -> str:
+    from pymaddy.compiler.runtimes import UNSUPPORTED
+
+    why = UNSUPPORTED.get(inst.schema.name)
+    if why is not None:
+        return f"{_where(inst)}: module {inst.schema.name} is not supported by pymaddy: {why}"
+    return f"{_where(inst)}: module {inst.schema.name} is not implemented yet"
 
 
 def load_class(spec: str) -> type[Module]:
@@ -175,7 +180,7 @@ class Generation:
         for inst in [*reversed(others), *self.graph.endpoints]:
             spec = inst.schema.runtime
             if spec is None:
-                errors.append(f"{_where(inst)}: module {inst.schema.name} is not implemented yet")
+                errors.append(_not_implemented(inst))
                 continue
             try:
                 obj = load_class(spec)(inst, self.ctx)

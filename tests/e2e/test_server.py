@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +19,7 @@ import pytest
 from pymaddy import __version__
 from pymaddy.compiler.registry import registry
 from tests.e2e.harness import (
+    ROOT,
     Notifications,
     Server,
     free_port,
@@ -73,23 +76,31 @@ def test_config_errors_are_listed_and_exit_1(tmp_path: Path) -> None:
 
 
 def test_module_without_runtime_is_refused(tmp_path: Path) -> None:
-    # Modules that exist in maddy but whose runtime is not written yet must make
-    # run refuse, naming each one — never start a server that silently ignores them.
-    missing = sorted(n for n, s in registry().items() if s.runtime is None and n.startswith("target."))
-    assert "target.remote" in missing, "pick another unimplemented module for this test"
+    # Modules that exist in maddy but have no runtime here must make run refuse, naming each
+    # one and why — never start a server that silently ignores them. auth.netauth is refused
+    # for good (issue 7); check-config still accepts it, as maddy configs must validate.
+    missing = sorted(n for n, s in registry().items() if s.runtime is None)
+    assert "auth.netauth" in missing
     text = (
         f"state_dir {tmp_path}/state\nruntime_dir {tmp_path}/run\n"
         "hostname example.org\n"
-        f"smtp tcp://127.0.0.1:{free_port()} {{\n  tls off\n  deliver_to &outbound\n}}\n"
-        "target.remote outbound { }\n"
+        f"submission tcp://127.0.0.1:{free_port()} {{\n  tls off\n  auth &netauth\n  deliver_to dummy\n}}\n"
+        "auth.netauth netauth { }\n"
     )
     cfg = write(tmp_path / "maddy.conf", text)
+    check = subprocess.run([sys.executable, "-m", "pymaddy", "-config", str(cfg), "check-config"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=30,
+                           check=False)
+    assert check.returncode == 0, check.stderr
     srv = Server(cfg)
     try:
         assert srv.wait_exit() == 1
     finally:
         srv.close()
-    assert f"Error: {tmp_path}/maddy.conf:8: module target.remote is not implemented yet" in srv.lines, srv.lines
+    assert (
+        f"Error: {tmp_path}/maddy.conf:9: module auth.netauth is not supported by pymaddy: "
+        "NetAuth has no maintained Python client; use auth.ldap or auth.external with a helper"
+    ) in srv.lines, srv.lines
     assert "server started" not in srv.output
 
 
