@@ -67,6 +67,13 @@ RUNTIMES: dict[str, str] = {
     "target.smtp": "pymaddy.targets.smtp:SMTPTarget",
     "target.lmtp": "pymaddy.targets.smtp:LMTPTarget",
     "target.queue": "pymaddy.queue.target:QueueTarget",
+    "target.remote": "pymaddy.targets.remote:RemoteTarget",
+    "mx_auth": "pymaddy.targets.policies:PolicyGroup",
+    "mx_auth.mtasts": "pymaddy.targets.policies:MTASTSPolicy",
+    "mx_auth.dane": "pymaddy.targets.policies:DANEPolicy",
+    "mx_auth.dnssec": "pymaddy.targets.policies:DNSSECPolicy",
+    "mx_auth.local_policy": "pymaddy.targets.policies:LocalPolicy",
+    "mx_auth.sts_preload": "pymaddy.targets.policies:STSPreloadPolicy",
     # TLS
     "tls.loader.file": "pymaddy.tls.loaders:FileLoader",
     "tls.loader.self_signed": "pymaddy.tls.loaders:SelfSignedLoader",

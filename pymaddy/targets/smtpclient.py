@@ -140,8 +140,11 @@ class SMTPClient:
         unix_path: str = "",
         tls: ssl.SSLContext | None = None,
         server_name: str = "",
+        local_addr: tuple[str, int] | None = None,
     ) -> Reply:
-        """Dial (TCP or a unix socket; `tls` = implicit TLS) and read the 220 greeting."""
+        """Dial (TCP or a unix socket; `tls` = implicit TLS) and read the 220 greeting.
+
+        `local_addr` binds the source address (target.remote's `local_ip`)."""
         self.server_name = server_name or host or unix_path
         try:
             if unix_path:
@@ -150,7 +153,12 @@ class SMTPClient:
                 )
             else:
                 coro = asyncio.open_connection(
-                    host, port, ssl=tls, server_hostname=self.server_name if tls else None, limit=MAX_LINE
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=self.server_name if tls else None,
+                    limit=MAX_LINE,
+                    local_addr=local_addr,
                 )
             self._reader, self._writer = await asyncio.wait_for(coro, self.connect_timeout)
         except ssl.SSLError as e:
@@ -329,6 +337,31 @@ class SMTPClient:
     @property
     def connected(self) -> bool:
         return self._writer is not None
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server presented (DER, leaf first), verified or not; [] without TLS.
+
+        DANE (RFC 7672) needs the whole chain even when PKIX verification was off; Python 3.11
+        exposes it only on the private `_sslobj` (public from 3.13 as get_unverified_chain)."""
+        if self._writer is None or not self.tls:
+            return []
+        obj = self._writer.get_extra_info("ssl_object")
+        if obj is None:
+            return []
+        getter = getattr(obj, "get_unverified_chain", None) or getattr(
+            getattr(obj, "_sslobj", None), "get_unverified_chain", None
+        )
+        if getter is not None:
+            certs = getter() or []
+            return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in certs]  # type: ignore[attr-defined]
+        leaf = obj.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+
+    def local_address(self) -> str:
+        if self._writer is None:
+            return ""
+        peer = self._writer.get_extra_info("sockname")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
     # -- wire ---------------------------------------------------------------------------------------
 
