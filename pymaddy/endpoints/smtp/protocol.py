@@ -65,6 +65,10 @@ class _PathParser:
 
     def path(self) -> str:
         bracket = self.accept("<")
+        # RFC 5321 §4.1.1.3: "<Postmaster>" without a domain must be accepted (any case)
+        if bracket and self.s[:11].lower() == "postmaster>":
+            local, self.s = self.s[:10], self.s[11:]
+            return local
         if self.accept("@"):
             i = self.s.find(":")
             if i < 0:
