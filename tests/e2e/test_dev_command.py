@@ -76,6 +76,9 @@ def test_pymaddy_dev_serves_demo_account() -> None:
             msg = b"Subject: hi\r\nFrom: demo@pymaddy.test\r\n\r\nhello\r\n"
             refused = c.sendmail("demo@pymaddy.test", ["info@pymaddy.test"], msg)
             assert refused == {}
+            # Mail for another domain is signed and queued for MX delivery (no network here: it waits).
+            out = b"From: demo@pymaddy.test\r\nSubject: out\r\n\r\nbye\r\n"
+            assert c.sendmail("demo@pymaddy.test", ["friend@remote.test"], out) == {}
         # A remote MTA delivers to a sub-address on the MX port.
         with smtplib.SMTP("127.0.0.1", 10025, timeout=10) as c:
             code, _ = c.ehlo("mx.remote.test")
@@ -115,4 +118,8 @@ def test_pymaddy_dev_serves_demo_account() -> None:
         assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
     finally:
         db.close()
+    state = Path(ROOT, ".dev", "state")
+    assert (state / "dkim_keys" / "pymaddy.test_default.dns").read_text().startswith("v=DKIM1; k=rsa; p=")
+    queued = list((state / "remote_queue").glob("*.meta"))
+    assert len(queued) == 1 and b"DKIM-Signature:" in queued[0].with_suffix(".header").read_bytes()
     shutil.rmtree(ROOT / ".dev", ignore_errors=True)
