@@ -37,8 +37,9 @@ from pymaddy.auth import dovecot_proto as dp
 from pymaddy.auth import normalize
 from pymaddy.auth.base import PlainAuth
 from pymaddy.auth.normalize import NormalizeError
-from pymaddy.auth.throttle import guarded, throttle_for
-from pymaddy.mail.errors import AuthError, AuthTemporaryError
+from pymaddy.auth.sasl import SASLCredentials
+from pymaddy.auth.throttle import throttle_for
+from pymaddy.mail.errors import AuthTemporaryError
 from pymaddy.pipeline.runner import module_of
 from pymaddy.runtime.module import Connection, ModuleError, StreamEndpoint
 from pymaddy.tables.base import Table
@@ -63,7 +64,7 @@ class _Pending:
     username: bytes | None = None  # LOGIN: the answer to "Username:"
 
 
-class DovecotSASLD(StreamEndpoint):
+class DovecotSASLD(SASLCredentials, StreamEndpoint):
     def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
         super().__init__(inst, ctx)
         s = self.settings
@@ -92,37 +93,6 @@ class DovecotSASLD(StreamEndpoint):
         if not self.auth:
             return []
         return ["PLAIN", "LOGIN"] if self.sasl_login else ["PLAIN"]
-
-    # -- credentials ---------------------------------------------------------------------------
-
-    async def username_for_auth(self, username: str) -> str:
-        """auth_map_normalize, then auth_map (a miss refuses), as maddy's SASLAuth."""
-        username = self.auth_normalize(username)
-        if self.auth_map is None:
-            return username
-        mapped = await self.auth_map.lookup(username)
-        if mapped is None:
-            raise AuthError("invalid credentials")
-        return mapped
-
-    async def check_password(self, user: str, password: str, ip: str = "") -> Exception | None:
-        """The providers' verdict under auth_throttle; `ip` is the client's address when the peer
-        (Postfix) tells us, else only the username is counted."""
-        return await guarded(self.throttle, ip, user, lambda: self._check_password(user, password))
-
-    async def _check_password(self, user: str, password: str) -> Exception | None:
-        """Providers in order; the first that accepts wins, else the last error (None: accepted)."""
-        last: Exception = AuthError("no auth providers")
-        for p in self.auth:
-            try:
-                await p.auth_plain(await self.username_for_auth(user), password)
-                return None
-            except (AuthError, AuthTemporaryError, NormalizeError) as e:
-                last = e
-            except Exception as e:
-                last = AuthTemporaryError(f"{type(e).__name__}: {e}")
-        cls = AuthTemporaryError if isinstance(last, AuthTemporaryError) else AuthError
-        return cls(f"no auth. provider accepted creds, last err: {last}")
 
     # -- the connection --------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from pymaddy.targets.policies import (
     TLSLevel,
     ad_trusted,
 )
-from pymaddy.targets.smtpclient import SMTPClient, TLSError
+from pymaddy.targets.smtpclient import SMTPClient, TLSError, ascii_rcpt, ascii_sender
 from pymaddy.tls.client import client_context
 
 if TYPE_CHECKING:
@@ -75,13 +75,6 @@ def _wrap(err: BaseException, server: str) -> SMTPError:
     if isinstance(err, TLSError):
         return SMTPError(451, (4, 7, 0), "TLS error", reason=str(err), target=TARGET, remote_server=server)
     return SMTPError(451, (4, 0, 0), "Internal server error", reason=str(err), target=TARGET, remote_server=server)
-
-
-def _ascii_addr(addr: str) -> str:
-    local, domain = address.split(addr)
-    if not local.isascii():
-        raise address.AddressError("non-ASCII local part")
-    return local + ("@" + address.to_ascii_domain(domain) if domain else "")
 
 
 class RemoteTarget(Module, DeliveryTarget):
@@ -270,18 +263,7 @@ class RemoteDelivery(PartialDelivery):
         if domain.startswith("["):
             raise SMTPError(550, (5, 1, 1), "IP address literals are not supported", target=TARGET)
         conn = await self._conn_for(domain)
-        to = rcpt
-        if not rcpt.isascii() and not conn.client.supports("SMTPUTF8"):
-            try:
-                to = _ascii_addr(rcpt)
-            except (address.AddressError, UnicodeError) as e:
-                raise SMTPError(
-                    553,
-                    (5, 6, 7),
-                    "SMTPUTF8 is unsupported, cannot convert recipient address",
-                    reason=str(e),
-                    target=TARGET,
-                ) from None
+        to = rcpt if conn.client.supports("SMTPUTF8") else ascii_rcpt(rcpt, TARGET)
         try:
             await conn.client.rcpt(to)
         except Exception as e:
@@ -360,12 +342,7 @@ class RemoteDelivery(PartialDelivery):
         utf8 = self.meta.smtputf8 and cl.supports("SMTPUTF8")
         sender = self.mail_from
         if self.meta.smtputf8 and not utf8:
-            try:
-                sender = _ascii_addr(self.mail_from) if self.mail_from else ""
-            except (address.AddressError, UnicodeError) as e:
-                raise SMTPError(
-                    550, (5, 6, 7), "SMTPUTF8 is unsupported, cannot convert sender address", reason=str(e)
-                ) from None
+            sender = ascii_sender(self.mail_from)
         try:
             await cl.mail(
                 sender, size=self.meta.size, body_8bit=self.meta.body_8bit, smtputf8=utf8, requiretls=requiretls

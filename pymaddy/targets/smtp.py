@@ -20,7 +20,7 @@ from pymaddy.mail.message import Body, Header, MsgMeta
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget, PartialDelivery, StatusCallback
 from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
 from pymaddy.targets.schema import SASLAuth
-from pymaddy.targets.smtpclient import SMTPClient, TLSError
+from pymaddy.targets.smtpclient import SMTPClient, TLSError, ascii_rcpt, ascii_sender
 from pymaddy.tls.client import client_context
 
 if TYPE_CHECKING:
@@ -41,16 +41,6 @@ def map_error(err: BaseException, target: str, server: str = "") -> SMTPError:
     # TLS failures and "TLS required but unsupported" are plain errors in maddy: the
     # endpoint turns those (temporary-or-unspecified) into 451 4.0.0.
     return SMTPError(451, (4, 0, 0), "Internal server error", reason=str(err), target=target, remote_server=server)
-
-
-def _to_ascii_addr(addr: str) -> str:
-    """Mailbox with an A-label domain for a peer without SMTPUTF8; a non-ASCII local part cannot be."""
-    if addr.isascii() or addr == "":
-        return addr
-    local, domain = address.split(addr)
-    if not local.isascii():
-        raise address.AddressError("non-ASCII local part")
-    return local + "@" + address.to_ascii_domain(domain)
 
 
 class SMTPTarget(Module, DeliveryTarget):
@@ -100,12 +90,7 @@ class SMTPTarget(Module, DeliveryTarget):
         utf8 = meta.smtputf8 and cl.supports("SMTPUTF8")
         sender = mail_from
         if meta.smtputf8 and not utf8:
-            try:
-                sender = _to_ascii_addr(mail_from)
-            except (address.AddressError, UnicodeError) as e:
-                raise SMTPError(
-                    550, (5, 6, 7), "SMTPUTF8 is unsupported, cannot convert sender address", reason=str(e)
-                ) from None
+            sender = ascii_sender(mail_from)
         if meta.requiretls and not cl.supports("REQUIRETLS"):
             # go-smtp's plain error in maddy, hence 451 4.0.0 rather than RFC 8689's 5.7.30
             raise RuntimeError("smtp: server does not support REQUIRETLS")
@@ -210,18 +195,7 @@ class SMTPDelivery(Delivery):
         return map_error(e, self.target.name, self.cl.server_name)
 
     async def add_rcpt(self, rcpt: str) -> None:
-        to = rcpt
-        if not rcpt.isascii() and not self.cl.supports("SMTPUTF8"):
-            try:
-                to = _to_ascii_addr(rcpt)
-            except (address.AddressError, UnicodeError) as e:
-                raise SMTPError(
-                    553,
-                    (5, 6, 7),
-                    "SMTPUTF8 is unsupported, cannot convert recipient address",
-                    reason=str(e),
-                    target=self.target.name,
-                ) from None
+        to = rcpt if self.cl.supports("SMTPUTF8") else ascii_rcpt(rcpt, self.target.name)
         try:
             await self.cl.rcpt(to)
         except Exception as e:

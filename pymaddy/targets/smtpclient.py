@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pymaddy.mail import address
 from pymaddy.mail.errors import SMTPError
 
 __all__ = ["LMTPStatus", "Reply", "SMTPClient", "TLSError", "dot_stuff"]
@@ -411,3 +412,36 @@ class SMTPClient:
             return SMTPError(450, (4, 4, 2), "Network I/O error", reason=f"tls: {e}", remote_server=self.server_name)
         reason = "i/o timeout" if isinstance(e, asyncio.TimeoutError) else (str(e) or type(e).__name__)
         return SMTPError(450, (4, 4, 2), "Network I/O error", reason=reason, remote_addr=self.server_name, io_op=op)
+
+
+# -- addresses for a peer without SMTPUTF8 -------------------------------------------------------
+
+
+def _ascii_mailbox(addr: str) -> str:
+    # RFC 6531 §3.2: a domain can become an A-label; a non-ASCII local part has no ASCII form
+    if addr.isascii() or addr == "":
+        return addr
+    local, domain = address.split(addr)
+    if not local.isascii():
+        raise address.AddressError("non-ASCII local part")
+    return local + ("@" + address.to_ascii_domain(domain) if domain else "")
+
+
+def ascii_sender(addr: str) -> str:
+    """MAIL FROM for a peer that lacks SMTPUTF8, or 550 5.6.7 (maddy's wording)."""
+    try:
+        return _ascii_mailbox(addr)
+    except (address.AddressError, UnicodeError) as e:
+        raise SMTPError(
+            550, (5, 6, 7), "SMTPUTF8 is unsupported, cannot convert sender address", reason=str(e)
+        ) from None
+
+
+def ascii_rcpt(addr: str, target: str) -> str:
+    """RCPT TO for a peer that lacks SMTPUTF8, or 553 5.6.7 (maddy's wording)."""
+    try:
+        return _ascii_mailbox(addr)
+    except (address.AddressError, UnicodeError) as e:
+        raise SMTPError(
+            553, (5, 6, 7), "SMTPUTF8 is unsupported, cannot convert recipient address", reason=str(e), target=target
+        ) from None

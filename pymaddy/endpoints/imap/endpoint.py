@@ -8,8 +8,8 @@ from typing import Any
 from pymaddy.auth import normalize
 from pymaddy.auth.base import PlainAuth
 from pymaddy.auth.normalize import NormalizeError
-from pymaddy.auth.throttle import guarded, throttle_for
-from pymaddy.mail.errors import AuthError, AuthTemporaryError
+from pymaddy.auth.sasl import SASLCredentials
+from pymaddy.auth.throttle import throttle_for
 from pymaddy.pipeline.runner import module_of
 from pymaddy.runtime.listeners import Listener
 from pymaddy.runtime.module import Connection, ModuleError, StreamEndpoint
@@ -21,7 +21,7 @@ READ_TIMEOUT = 30 * 60.0  # RFC 3501 §5.4: an autologout timer of at least 30 m
 WRITE_TIMEOUT = 60.0
 
 
-class IMAPEndpoint(StreamEndpoint):
+class IMAPEndpoint(SASLCredentials, StreamEndpoint):
     supports_tls = True
 
     def __init__(self, inst: Any, ctx: Any) -> None:
@@ -91,33 +91,6 @@ class IMAPEndpoint(StreamEndpoint):
         await Session(self, conn).run()
 
     # -- authentication ----------------------------------------------------------------------------------
-
-    async def check_password(self, user: str, password: str, ip: str = "") -> Exception | None:
-        """The providers' verdict under the endpoint's auth_throttle."""
-        return await guarded(self.throttle, ip, user, lambda: self._check_password(user, password))
-
-    async def _check_password(self, user: str, password: str) -> Exception | None:
-        """auth_map_normalize + auth_map, then the providers in order; the first that accepts wins."""
-        last: Exception = AuthError("no auth providers")
-        try:
-            mapped = self.auth_normalize(user)
-            if self.auth_map is not None:
-                m = await self.auth_map.lookup(mapped)
-                if m is None:
-                    return AuthError("invalid credentials")
-                mapped = m
-        except NormalizeError as e:
-            return AuthError(str(e))
-        for p in self.auth:
-            try:
-                await p.auth_plain(mapped, password)
-                return None
-            except (AuthError, AuthTemporaryError) as e:
-                last = e
-            except Exception as e:
-                last = AuthTemporaryError(f"{type(e).__name__}: {e}")
-        cls = AuthTemporaryError if isinstance(last, AuthTemporaryError) else AuthError
-        return cls(f"no auth. provider accepted creds, last err: {last}")
 
     async def storage_account(self, user: str) -> str | None:
         """The storage account of a login: storage_map (a miss refuses the login), else the storage's own

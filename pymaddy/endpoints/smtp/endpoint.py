@@ -10,9 +10,9 @@ from typing import Any
 from pymaddy.auth import normalize
 from pymaddy.auth.base import PlainAuth
 from pymaddy.auth.normalize import NormalizeError
-from pymaddy.auth.throttle import guarded, throttle_for
+from pymaddy.auth.sasl import SASLCredentials
+from pymaddy.auth.throttle import throttle_for
 from pymaddy.endpoints.smtp.session import Session
-from pymaddy.mail.errors import AuthError, AuthTemporaryError
 from pymaddy.pipeline.limits import Limits
 from pymaddy.pipeline.runner import PipelineRunner, module_of
 from pymaddy.runtime.listeners import Listener
@@ -28,7 +28,7 @@ def _tls_context(cfg: Any, ctx: Any) -> ssl.SSLContext | None:
     return server_context(cfg, ctx)
 
 
-class SMTPEndpoint(StreamEndpoint):
+class SMTPEndpoint(SASLCredentials, StreamEndpoint):
     supports_tls = True
 
     def __init__(self, inst: Any, ctx: Any) -> None:
@@ -122,35 +122,6 @@ class SMTPEndpoint(StreamEndpoint):
 
     async def handle(self, conn: Connection) -> None:
         await Session(self, conn).run()
-
-    async def username_for_auth(self, username: str) -> str:
-        """auth_map_normalize, then auth_map (a miss refuses the login), as maddy's SASLAuth."""
-        username = self.auth_normalize(username)
-        if self.auth_map is None:
-            return username
-        mapped = await self.auth_map.lookup(username)
-        if mapped is None:
-            raise AuthError("invalid credentials")
-        return mapped
-
-    async def check_password(self, user: str, password: str, ip: str = "") -> Exception | None:
-        """The providers' verdict under the endpoint's auth_throttle."""
-        return await guarded(self.throttle, ip, user, lambda: self._check_password(user, password))
-
-    async def _check_password(self, user: str, password: str) -> Exception | None:
-        """Providers in order; the first that accepts wins, else the last error."""
-        last: Exception = AuthError("no auth providers")
-        for p in self.auth:
-            try:
-                mapped = await self.username_for_auth(user)
-                await p.auth_plain(mapped, password)
-                return None
-            except (AuthError, AuthTemporaryError, NormalizeError) as e:
-                last = e
-            except Exception as e:
-                last = AuthTemporaryError(f"{type(e).__name__}: {e}")
-        cls = AuthTemporaryError if isinstance(last, AuthTemporaryError) else AuthError
-        return cls(f"no auth. provider accepted creds, last err: {last}")
 
     # metrics
     def failed_login(self) -> None:
