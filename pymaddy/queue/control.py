@@ -16,7 +16,6 @@ works on the files directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +23,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-MAX_LINE = 4096
+from pymaddy.runtime.unixsock import MAX_LINE, UnixSocketServer
+
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -61,22 +61,12 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
     return reply if isinstance(reply, dict) else {"ok": False, "error": "bad reply from the server"}
 
 
-class Server:
+class Server(UnixSocketServer):
     """The engine's end of the channel."""
 
     def __init__(self, path: str, handler: Handler) -> None:
-        self.path = path
+        super().__init__(path)
         self.handler = handler
-        self._server: asyncio.AbstractServer | None = None
-        self._ino = 0
-
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # stale socket of a process that died
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
-            self._ino = os.stat(self.path).st_ino
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -98,13 +88,3 @@ class Server:
             pass
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1)
-            self._server = None
-        with contextlib.suppress(OSError):
-            if self._ino and os.stat(self.path).st_ino == self._ino:
-                os.unlink(self.path)

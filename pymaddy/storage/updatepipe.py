@@ -10,14 +10,12 @@ stays the truth, and a lost notice costs at most one poll interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-MAX_LINE = 4096
+from pymaddy.runtime.unixsock import UnixSocketServer
 
 
 def encode(update: Any) -> bytes:
@@ -50,22 +48,12 @@ def push(path: str, updates: Iterable[Any], timeout: float = 1.0) -> bool:
     return True
 
 
-class Listener:
+class Listener(UnixSocketServer):
     """The server end: hands each well-formed notice to `on_update`."""
 
     def __init__(self, path: str, on_update: Callable[[dict[str, Any]], None]) -> None:
-        self.path = path
+        super().__init__(path)
         self.on_update = on_update
-        self._server: asyncio.AbstractServer | None = None
-        self._ino = 0
-
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a stale socket, or the one of the generation this one replaces
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
-            self._ino = os.stat(self.path).st_ino
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -83,12 +71,3 @@ class Listener:
             return
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1)
-        with contextlib.suppress(OSError):
-            if self._ino and os.stat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
