@@ -7,8 +7,11 @@
   in its own tests; so do we (`enable_sha256()`).
 
 Hashing and verifying are CPU-bound (bcrypt cost 10 is ~50 ms): async callers
-use `verify_async` / `compute_async`, which run in a worker thread. Every
-comparison of derived keys is constant-time.
+use `verify_async` / `compute_async`, which run in a pool of their own, one
+thread per CPU, at a lower scheduling priority (nice +10). So a login storm
+neither queues the server's other worker-thread jobs (SQLite, fsync) behind
+bcrypt nor takes the CPU from the event loop: sessions stay responsive while
+logins wait their turn. Every comparison of derived keys is constant-time.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import bcrypt as _bcrypt
@@ -217,12 +223,40 @@ def check(password: str, stored: str) -> bool:
     return True
 
 
+HASH_NICE = 10
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _lower_priority() -> None:
+    # Linux schedules threads as tasks, so a thread can lower its own priority (never raise it back).
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="hash",
+                                       initializer=_lower_priority)
+        return _pool
+
+
+def _reset_pool() -> None:
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+
 async def verify_async(password: str, stored: str) -> None:
-    await asyncio.to_thread(verify, password, stored)
+    await asyncio.get_running_loop().run_in_executor(_hash_pool(), verify, password, stored)
 
 
 async def compute_async(algo: str, password: str, opts: HashOpts | None = None) -> str:
-    return await asyncio.to_thread(compute, algo, password, opts)
+    return await asyncio.get_running_loop().run_in_executor(_hash_pool(), compute, algo, password, opts)
 
 
 __all__ = [
