@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pymaddy.auth import privhelper
 from pymaddy.auth.base import PlainAuth
 from pymaddy.mail.errors import AuthError, AuthTemporaryError
 from pymaddy.runtime.module import Module, ModuleError
@@ -308,12 +309,23 @@ def _pam_err(lib: _Libpam, handle: Any, status: int) -> str:
     return s.decode("utf-8", "replace") if s else f"error {status}"
 
 
+def _priv_verdict(name: str, reply: dict[str, Any]) -> None:
+    """The privileged helper's answer as the provider's outcome."""
+    if reply.get("ok") is True:
+        return
+    reason = str(reply.get("reason") or "refused")
+    if reply.get("temporary"):
+        raise AuthTemporaryError(f"{name}: {reason}")
+    raise AuthError(f"{name}: {reason}")
+
+
 class PAMAuth(Module, PlainAuth):
     def __init__(self, inst: ModuleInstance, ctx: RuntimeContext) -> None:
         super().__init__(inst, ctx)
         self.use_helper = bool(self.settings.get("use_helper"))
         self.helper = os.path.join(_libexec(ctx), "maddy-pam-helper")
         self.slots: asyncio.Semaphore | None = None
+        self.priv: privhelper.PrivHelperClient | None = None
 
     def log_name(self) -> str:
         return "pam"
@@ -322,6 +334,10 @@ class PAMAuth(Module, PlainAuth):
         if self.use_helper:
             _require_helper(self.helper, f"pam: no helper binary (maddy-pam-helper) found in {_libexec(self.ctx)}")
             self.slots = asyncio.Semaphore(HELPER_CONCURRENCY)
+            return
+        self.priv = privhelper.client()
+        if self.priv is not None:
+            self.log.debug("PAM runs in the privileged password helper")
             return
         try:
             await asyncio.to_thread(_load_libpam)
@@ -337,6 +353,9 @@ class PAMAuth(Module, PlainAuth):
             return
         if _bad_chars(username, password):
             raise AuthError("pam: LF or NUL in credentials")
+        if self.priv is not None:
+            _priv_verdict("pam", await self.priv.check("pam", username, password, PAM_SERVICE))
+            return
         status, message = await asyncio.to_thread(pam_check, username, password)
         if status == PAM_SUCCESS:
             return
@@ -441,6 +460,7 @@ class ShadowAuth(Module, PlainAuth):
         self.use_helper = bool(self.settings.get("use_helper"))
         self.helper = os.path.join(_libexec(ctx), "maddy-shadow-helper")
         self.slots: asyncio.Semaphore | None = None
+        self.priv: privhelper.PrivHelperClient | None = None
 
     def log_name(self) -> str:
         return "shadow"
@@ -451,6 +471,10 @@ class ShadowAuth(Module, PlainAuth):
                 self.helper, f"shadow: no helper binary (maddy-shadow-helper) found in {_libexec(self.ctx)}"
             )
             self.slots = asyncio.Semaphore(HELPER_CONCURRENCY)
+            return
+        self.priv = privhelper.client()
+        if self.priv is not None:
+            self.log.debug(f"{SHADOW_FILE} is read by the privileged password helper")
             return
         try:
             with open(SHADOW_FILE, "rb"):
@@ -470,6 +494,9 @@ class ShadowAuth(Module, PlainAuth):
             return
         if _bad_chars(username, password) or ":" in username:
             raise AuthError("shadow: invalid username or password")
+        if self.priv is not None:
+            _priv_verdict("shadow", await self.priv.check("shadow", username, password))
+            return
         try:
             reason = await asyncio.to_thread(shadow_verify, username, password)
         except OSError as e:

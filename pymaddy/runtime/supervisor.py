@@ -438,6 +438,19 @@ class Supervisor:
         self.log.msg("server started", version=VERSION)
         self.notify(sdnotify.READY, "Configuration running.")
 
+    def _start_password_helper(self, graph: Graph) -> None:
+        """auth.shadow / auth.pam read /etc/shadow: leave that to a helper that keeps root
+        (pymaddy/auth/privhelper.py) rather than to the server user."""
+        names = {"auth.shadow", "auth.pam"}
+        if not any(i.schema.name in names and not i.settings.get("use_helper") for i in unique_instances(graph)):
+            return
+        from pymaddy.auth import privhelper
+
+        if privhelper.spawn():
+            self.log.msg("started the privileged password helper for auth.shadow / auth.pam")
+        else:
+            self.log.error("could not start the privileged password helper", err="see the modules' own errors")
+
     def _drop_privileges(self, graph: Graph, gen: Generation) -> None:
         """Started as root: become the target user now that the sockets are bound."""
         target = self.target
@@ -458,6 +471,7 @@ class Supervisor:
         for name, err in failures:
             self.log.debug("could not preload module", module=name, reason=err)
         import_paths = [p for p in sys.path if p and os.path.exists(p)]
+        self._start_password_helper(graph)
         try:
             res = privileges.drop(target)
         except PrivilegeError as e:
