@@ -442,6 +442,25 @@ class AccountStore:
                 return None
         return await self.db.read(q)
 
+    async def claim_recent(self, mailbox_id: int, uids: Sequence[int]) -> set[int]:
+        """Take \\Recent for new arrivals this session is the first to be told of (RFC 3501 §2.3.2):
+        the UIDs still marked recent become this session's and no other's."""
+        if not uids:
+            return set()
+
+        def job(c: sqlite3.Connection) -> set[int]:
+            out: set[int] = set()
+            for i in range(0, len(uids), 500):
+                part = list(uids[i : i + 500])
+                marks = ",".join("?" * len(part))
+                out.update(int(u) for (u,) in c.execute(
+                    f"UPDATE messages SET recent = 0 WHERE mailbox_id = ? AND recent = 1 AND uid IN ({marks}) "
+                    "RETURNING uid", (mailbox_id, *part)))
+            return out
+
+        claimed: set[int] = await self.db.write(job, durable=False)  # a lost claim only shows \\Recent again
+        return claimed
+
     # -- messages ----------------------------------------------------------------------------------------
 
     def _rows(self, c: sqlite3.Connection, mailbox_id: int, uids: Sequence[int] | None, *,

@@ -103,6 +103,16 @@ def test_recent_is_given_to_the_first_session_only(server: tuple[Server, dict[st
         r = b.cmd("SELECT Recent")
         assert b"* 0 RECENT" in r.untagged
         assert a.cmd("STATUS Recent (RECENT)").untagged == [b"* STATUS Recent (RECENT 0)"]
+        # A message arriving while both have it selected is recent for the first one told of it only.
+        with Transcript(ports["mapped"]) as c:
+            assert c.cmd('LOGIN "user@example.org" "123"').ok
+            assert c.cmd("APPEND Recent", message("r2")).ok
+        r = a.cmd("NOOP")
+        assert r.untagged[:2] == [b"* 2 EXISTS", b"* 2 RECENT"], r.untagged
+        assert a.cmd("FETCH 2 (FLAGS)").untagged == [b"* 2 FETCH (FLAGS (\\Recent))"]
+        r = b.cmd("NOOP")
+        assert r.untagged[:2] == [b"* 2 EXISTS", b"* 0 RECENT"], r.untagged
+        assert b.cmd("FETCH 2 (FLAGS)").untagged == [b"* 2 FETCH (FLAGS ())"]
 
 
 def test_proxy_protocol_source_address_and_io_debug(server: tuple[Server, dict[str, int], Path]) -> None:

@@ -995,12 +995,16 @@ class Session:
         if not idle:
             self.changed.clear()
         self._last_poll = now
-        ch = await self._acct().poll(v.mailbox_id, v.modseq, v.db_count, v.uidnext)
+        st = self._acct()
+        ch = await st.poll(v.mailbox_id, v.modseq, v.db_count, v.uidnext)
         allow_expunge = cmd.uid or cmd.name not in _NO_EXPUNGE
         if ch is None:
             if allow_expunge and v.pending_expunge:
                 self._announce_expunges(sorted(v.pending_expunge), own=False)
             return
+        if ch.uids is not None and not v.readonly and not st.store.disable_recent:
+            known = set(v.uids)
+            v.recent |= await st.claim_recent(v.mailbox_id, [u for u in ch.uids if u not in known])
         self._apply(v, ch, allow_expunge)
 
     def _apply(self, v: View, ch: Changes, allow_expunge: bool) -> None:
