@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
 from typing import TYPE_CHECKING
@@ -75,6 +76,7 @@ def prepare_mail_from(addr: str) -> str:
     return f"{local}@{domain}"
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
@@ -86,9 +88,10 @@ def _is_ip(value: str) -> bool:
 async def dmarc_policy(resolver: Resolver, from_domain: str) -> str | None:
     """The DMARC policy (`p=`, or `sp=` when found at the organizational domain) that applies
     to `from_domain` (RFC 7489 §6.6.3), or None without a usable record; the record is found as
-    the pipeline's DMARC evaluation finds it (`pymaddy.dmarc.fetch_record`).
-    Raises DNSError or DMARCError."""
-    policy_domain, rec = await dmarc.fetch_record(resolver.txt, from_domain)
+    the pipeline's DMARC evaluation finds it (`pymaddy.dmarc.fetch_record`), from cached
+    answers when they are all there. Raises DNSError or DMARCError."""
+    found = dmarc.fetch_record_cached(resolver.txt_cached, from_domain)
+    policy_domain, rec = await dmarc.fetch_record(resolver.txt, from_domain) if found is None else found
     if rec is None:
         return None
     if policy_domain.lower() != from_domain.lower() and rec.subdomain_policy:
@@ -113,6 +116,7 @@ class SPFCheck(Module, Check):
     async def start(self) -> None:
         if self.resolver is None:
             self.resolver = resolver_for(self.ctx)
+        dmarc.preload()  # every message asks for its From domain's DMARC policy
 
     def get_resolver(self) -> Resolver:
         if self.resolver is None:
@@ -149,14 +153,21 @@ class SPFCheck(Module, Check):
         setting, code, enh, msg = spec
         return self.apply(setting, SMTPError(code, enh, msg, check=MOD_NAME, reason=res.reason), auth)
 
+    def cached(self, ip: str, sender: str, helo: str) -> SPFResult | None:
+        """A remembered check_host() result still within its RESULT_TTL, or None."""
+        hit = self._results.get((ip, sender.lower(), helo.lower()))
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
     async def evaluate(self, ip: str, sender: str, helo: str) -> SPFResult:
         """check_host(), with final results remembered for RESULT_TTL: a busy sender's messages
         share one evaluation (the DNS answers behind it are cached anyway)."""
+        hit = self.cached(ip, sender, helo)
+        if hit is not None:
+            return hit
         key = (ip, sender.lower(), helo.lower())
         now = time.monotonic()
-        hit = self._results.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
         res = await check_host(self.get_resolver(), ip, sender, helo)
         self.log.debug("result", result=res.result, reason=res.reason)
         if res.result != "temperror":
@@ -174,7 +185,8 @@ class _State(CheckState):
         self.chk = chk
         self.meta = meta
         self.skip = False
-        self.pending: asyncio.Task[SPFResult] | None = None
+        # the evaluation: a remembered result, or the task computing it
+        self.pending: asyncio.Task[SPFResult] | SPFResult | None = None
 
     async def check_connection(self) -> CheckResult:
         conn = getattr(self.meta, "conn", None)
@@ -196,14 +208,16 @@ class _State(CheckState):
         ip = conn.remote_ip
         if self.chk.enforce_early:
             return self.chk.result(self.meta, await self.chk.evaluate(ip, sender, conn.helo))
-        self.pending = asyncio.create_task(self.chk.evaluate(ip, sender, conn.helo))
+        self.pending = self.chk.cached(ip, sender, conn.helo) or asyncio.create_task(
+            self.chk.evaluate(ip, sender, conn.helo)
+        )
         return OK
 
     async def check_body(self, header: Header, body: Body) -> CheckResult:
         if self.chk.enforce_early or self.skip or self.pending is None:
             return OK
         try:
-            res = await self.pending
+            res = self.pending if isinstance(self.pending, SPFResult) else await self.pending
         except Exception as e:
             err = SMTPError(451, (4, 7, 0), "Internal error during policy check", check="spf", reason=str(e))
             return CheckResult(reject=err, reason=err)
@@ -233,11 +247,11 @@ class _State(CheckState):
         return policy is not None and policy != "none"
 
     async def close(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
+        task, self.pending = self.pending, None
+        if isinstance(task, asyncio.Task):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.pending
-            self.pending = None
+                await task
 
 
 __all__ = ["SPFCheck", "dmarc_policy", "organizational_domain", "prepare_mail_from"]

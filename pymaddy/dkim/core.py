@@ -31,7 +31,6 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from dkim import select_headers
 from dkim.canonicalization import Simple
 
 from pymaddy.dkim.keys import SigningKey
@@ -42,10 +41,13 @@ TXTLookup = Callable[[str], Awaitable[list[str]]]
 `.temporary` attribute (or TimeoutError) for temporary failures."""
 
 _CHUNK = 64 * 1024
+_GIL_MINSIZE = 2048  # CPython's HASHLIB_GIL_MINSIZE: hashlib releases the GIL from this size on
 _WSP_RUN = re.compile(rb"[ \t]+")
 # The b= tag's value (base64 with folding whitespace) and a final line break: what dkimpy's
-# RE_BTAG removes for hashing (RFC 6376 §3.7), written so it does not backtrack at every character.
-B_TAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
+# RE_BTAG removes for hashing (RFC 6376 §3.7). dkimpy's `(?:\s*[b64])*` is written as one
+# character-class run that must end on a base64 character: the same match, without a
+# group iteration per character.
+B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 _REQUIRED_TAGS = ("v", "a", "b", "bh", "d", "h", "s")
 
 # -- body ---------------------------------------------------------------------------
@@ -58,9 +60,10 @@ class BodyHasher:
     trailing ones; bare LF is taken as a line end like CRLF.
     """
 
-    def __init__(self, relaxed: bool) -> None:
+    def __init__(self, relaxed: bool, *, keep_gil: bool = False) -> None:
         self.relaxed = relaxed
         self.hash = hashlib.sha256()
+        self.keep_gil = keep_gil
         self._partial = b""
         self._empty = 0
         self._written = False
@@ -102,9 +105,20 @@ class BodyHasher:
             return
         if self._empty:
             self.hash.update(b"\r\n" * self._empty)
-        self.hash.update(content.replace(b"\n", b"\r\n") + b"\r\n")
+        self._hash(content.replace(b"\n", b"\r\n") + b"\r\n")
         self._empty = trailing - 1
         self._written = True
+
+    def _hash(self, data: bytes) -> None:
+        if self.keep_gil and len(data) >= _GIL_MINSIZE:
+            # hashlib lets go of the GIL for 2 KiB or more: on the event loop that hands the GIL
+            # to any waiting thread (the storage writer) and the loop then waits to get it back,
+            # far longer than hashing a small body takes. Pieces under the limit keep it.
+            view = memoryview(data)
+            for i in range(0, len(data), _GIL_MINSIZE - 1):
+                self.hash.update(view[i : i + _GIL_MINSIZE - 1])
+            return
+        self.hash.update(data)
 
     def digest(self) -> bytes:
         if self._partial:
@@ -127,7 +141,7 @@ def is_small(body: Body | bytes) -> bool:
 
 
 def body_hash(body: Body | bytes, relaxed: bool) -> bytes:
-    h = BodyHasher(relaxed)
+    h = BodyHasher(relaxed, keep_gil=is_small(body))
     if isinstance(body, bytes):
         h.update(body)
         return h.digest()
@@ -172,13 +186,27 @@ def relaxed_headers(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     return out
 
 
+def _select_headers(fields: list[tuple[bytes, bytes]], keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """dkimpy's select_headers (RFC 6376 §5.4.2): each listed name takes the bottom-most instance
+    not taken yet, a name with none left is skipped; with every field's name lowered once."""
+    stacks: dict[bytes, list[int]] = {}
+    for i, (name, _value) in enumerate(fields):
+        stacks.setdefault(name.lower(), []).append(i)
+    out = []
+    for k in keys:
+        left = stacks.get(k)
+        if left:
+            out.append(fields[left.pop()])
+    return out
+
+
 def _header_hash_input(
     fields: list[tuple[bytes, bytes]], keys: Iterable[str], relaxed: bool, sig_field: tuple[bytes, bytes]
 ) -> bytes:
     """The data whose hash is signed (RFC 6376 §3.7): the selected fields (bottom-up, absent
     instances skipped) then the signature field with an empty b= and no final CRLF."""
     canon = relaxed_headers if relaxed else Simple.canonicalize_headers
-    chosen = select_headers(fields, [k.strip().lower().encode("ascii", "replace") for k in keys])
+    chosen = _select_headers(fields, [k.strip().lower().encode("ascii", "replace") for k in keys])
     parts = [n + b":" + v for n, v in canon(chosen)]
     name, value = canon([(sig_field[0], B_TAG.sub(rb"\1", sig_field[1]))])[0]
     parts.append(name + b":" + value.rstrip())
@@ -422,12 +450,14 @@ async def verify_one(
     *,
     now: float | None = None,
     body_hashes: dict[bool, bytes] | None = None,
+    params: dict[str, str] | None = None,
 ) -> Verification:
-    """Verify one signature field; every failure is reported in `.err`, never raised."""
+    """Verify one signature field; every failure is reported in `.err`, never raised.
+    `params` are the field's tags when the caller has parsed them already."""
     v = Verification()
     try:
         when = time.time() if now is None else now
-        await _verify(v, fields, sig_field, body, lookup=lookup, now=when, cache=body_hashes)
+        await _verify(v, fields, sig_field, body, lookup=lookup, now=when, cache=body_hashes, params=params)
     except DKIMError as e:
         v.err = e
     return v
@@ -442,12 +472,13 @@ async def _verify(
     lookup: TXTLookup,
     now: float,
     cache: dict[bool, bytes] | None,
+    params: dict[str, str] | None = None,
 ) -> None:
-    value = sig_field[1].decode("utf-8", "replace")
-    try:
-        params = parse_params(value)
-    except ValueError as e:
-        raise DKIMError("perm", f"malformed signature tags: {e}") from None
+    if params is None:
+        try:
+            params = parse_params(sig_field[1].decode("utf-8", "replace"))
+        except ValueError as e:
+            raise DKIMError("perm", f"malformed signature tags: {e}") from None
     if params.get("v") != "1":
         raise DKIMError("perm", "incompatible signature version")
     v.domain = _strip_ws(params.get("d", ""))
@@ -510,7 +541,7 @@ async def _verify(
     except (binascii.Error, ValueError) as e:
         raise DKIMError("perm", f"malformed body hash: {e}") from None
     try:
-        sig = _b64(params["b"])
+        sig = base64.b64decode(v.signature, validate=True)  # _b64(params["b"]), stripped above
     except (binascii.Error, ValueError) as e:
         raise DKIMError("perm", f"malformed signature: {e}") from None
 
@@ -541,8 +572,14 @@ async def verify(header: Header, body: Body | bytes, lookup: TXTLookup, now: flo
     # Hash the body once per canonicalization in use, off the event loop: it may be a
     # large spool file.
     kinds = set()
+    parsed: list[dict[str, str] | None] = []
     for s in sigs:
-        c = _strip_ws(signature_tags(s[1].decode("utf-8", "replace")).get("c", ""))
+        try:
+            tags: dict[str, str] | None = parse_params(s[1].decode("utf-8", "replace"))
+        except ValueError:
+            tags = None  # verify_one parses it again and reports why
+        parsed.append(tags)
+        c = _strip_ws(tags.get("c", "")) if tags is not None else ""
         kinds.add(c.partition("/")[2] == "relaxed")
     hashes_cache: dict[bool, bytes] = {}
     for relaxed in sorted(kinds):
@@ -550,7 +587,10 @@ async def verify(header: Header, body: Body | bytes, lookup: TXTLookup, now: flo
             hashes_cache[relaxed] = body_hash(body, relaxed)  # cheaper than a thread hop
         else:
             hashes_cache[relaxed] = await asyncio.to_thread(body_hash, body, relaxed)
-    return [await verify_one(fields, s, body, lookup, now=now, body_hashes=hashes_cache) for s in sigs]
+    return [
+        await verify_one(fields, s, body, lookup, now=now, body_hashes=hashes_cache, params=tags)
+        for s, tags in zip(sigs, parsed, strict=True)
+    ]
 
 
 __all__ = [

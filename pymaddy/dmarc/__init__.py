@@ -21,6 +21,7 @@ Behaviour worth knowing (maddy's, kept on purpose):
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ STRICT = "s"
 RELAXED = "r"
 
 TxtLookup = Callable[[str], Awaitable[list[str]]]
+TxtPeek = Callable[[str], list[str] | None]
+"""`name → TXT records` from a cache, None when not cached (no DNS query is made)."""
 
 
 class DMARCError(Exception):
@@ -141,15 +144,26 @@ def _psl() -> Any:
     return _PSL
 
 
+def preload() -> None:
+    """Load the public suffix list and the From-field parser now: a server calls this at start,
+    so the first message does not pay for them (~0.1 s)."""
+    _psl()
+    _from_value_domain("<postmaster@example.org>")
+
+
+@functools.lru_cache(maxsize=1024)
 def public_suffix(domain: str) -> str:
-    """The public suffix of `domain` (the `*` rule for unknown TLDs)."""
+    """The public suffix of `domain` (the `*` rule for unknown TLDs). Remembered per name: the
+    list is fixed and every message asks again for the same few domains."""
     d = domain.rstrip(".").lower()
     return str(_psl().publicsuffix(d) or d)
 
 
+@functools.lru_cache(maxsize=1024)
 def organizational_domain(domain: str) -> str:
     """The public suffix plus one label; DMARCError when `domain` is itself a public suffix or
-    has empty labels (Go's publicsuffix.EffectiveTLDPlusOne)."""
+    has empty labels (Go's publicsuffix.EffectiveTLDPlusOne). Remembered per name (a failure
+    is not, and is recomputed)."""
     d = domain.lower()
     if not d or d.startswith(".") or d.endswith(".") or ".." in d:
         raise DMARCError("publicsuffix: empty label in domain " + _go_quote(domain))
@@ -182,26 +196,37 @@ def is_aligned(from_domain: str, auth_domain: str, mode: str) -> bool:
 def extract_from_domain(header: Header) -> str:
     """The From domain DMARC judges; DMARCError with maddy's wording when the field is missing,
     repeated, malformed or holds several addresses (maddy's ExtractFromDomain)."""
-    # Go's mail.ParseAddressList semantics live with check.authorize_sender (imported late:
-    # that module pulls in the runtime).
-    from pymaddy.checks.authorize_sender import AddressParseError, parse_address_list
-
     values = header.get_all("From")
     if len(values) > 1:
         raise DMARCError("dmarc: multiple From header fields are not allowed")
     if not values or values[0] == "":
         raise DMARCError("dmarc: missing From header field")
+    found = _from_value_domain(values[0])
+    if isinstance(found, DMARCError):
+        raise DMARCError(str(found))
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_value_domain(value: str) -> str | DMARCError:
+    """The domain of a From field value holding one address, or the error to raise (a fresh copy
+    is raised each time). Remembered per value: the pipeline and check.spf both ask for every
+    message, and a sender's messages repeat the same From."""
+    # Go's mail.ParseAddressList semantics live with check.authorize_sender (imported late:
+    # that module pulls in the runtime).
+    from pymaddy.checks.authorize_sender import AddressParseError, parse_address_list
+
     try:
-        addrs = parse_address_list(values[0])
+        addrs = parse_address_list(value)
     except AddressParseError as e:
-        raise DMARCError(f"dmarc: malformed From header field: {str(e).removeprefix('mail: ')}") from None
+        return DMARCError(f"dmarc: malformed From header field: {str(e).removeprefix('mail: ')}")
     if len(addrs) > 1:
-        raise DMARCError("dmarc: multiple addresses in From field are not allowed")
+        return DMARCError("dmarc: multiple addresses in From field are not allowed")
     if not addrs:
-        raise DMARCError("dmarc: missing address in From field")
+        return DMARCError("dmarc: missing address in From field")
     domain = addrs[0].rpartition("@")[2]
     if not domain:
-        raise DMARCError("dmarc: malformed From header field: malformed address")
+        return DMARCError("dmarc: malformed From header field: malformed address")
     return domain
 
 
@@ -219,10 +244,39 @@ async def fetch_record(lookup: TxtLookup, from_domain: str) -> tuple[str, Record
         txts = await lookup("_dmarc." + policy_domain)
         if not txts:
             return "", None
+    return _pick(policy_domain, txts)
+
+
+def fetch_record_cached(peek: TxtPeek, from_domain: str) -> tuple[str, Record | None] | None:
+    """fetch_record answered from cached DNS answers only (`peek` gives None for a name it has
+    no answer for): None when a lookup would be needed. Lets the caller skip a task per
+    message when the policy is already known. Raises DMARCError as fetch_record."""
+    policy_domain = from_domain
+    txts = peek("_dmarc." + from_domain)
+    if txts is None:
+        return None
+    if not txts:
+        policy_domain = organizational_domain(from_domain)
+        txts = peek("_dmarc." + policy_domain)
+        if txts is None:
+            return None
+        if not txts:
+            return "", None
+    return _pick(policy_domain, txts)
+
+
+def _pick(policy_domain: str, txts: list[str]) -> tuple[str, Record | None]:
+    """RFC 7489 §6.6.3: exactly one `v=DMARC1` record counts."""
     records = [t for t in txts if t.startswith("v=DMARC1")]
     if len(records) != 1:
         return "", None
-    return policy_domain, parse_record(records[0])
+    return policy_domain, _parsed_record(records[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_record(txt: str) -> Record:
+    """parse_record remembered per record text (the Record is shared: never modified)."""
+    return parse_record(txt)
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -301,6 +355,17 @@ async def fetch(lookup: TxtLookup, from_domain: str) -> Fetched:
     return Fetched(from_domain, pd, rec)
 
 
+def fetch_cached(peek: TxtPeek, from_domain: str) -> Fetched | None:
+    """`fetch` from cached answers only; None when DNS would have to be asked."""
+    try:
+        found = fetch_record_cached(peek, from_domain)
+    except DMARCError as e:
+        return Fetched(from_domain, error=e)
+    if found is None:
+        return None
+    return Fetched(from_domain, found[0], found[1])
+
+
 def apply(
     fetched: Fetched, results: Sequence[AuthResult], rng: Callable[[int], int] = random.randrange
 ) -> tuple[EvalResult, str]:
@@ -336,9 +401,12 @@ __all__ = [
     "evaluate_alignment",
     "extract_from_domain",
     "fetch",
+    "fetch_cached",
     "fetch_record",
+    "fetch_record_cached",
     "is_aligned",
     "organizational_domain",
     "parse_record",
+    "preload",
     "public_suffix",
 ]

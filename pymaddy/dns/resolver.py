@@ -214,6 +214,12 @@ class Resolver:
             task.add_done_callback(lambda t: self._done(key, t))
         return await asyncio.shield(task)
 
+    def cached(self, name: str, rdtype: int | str) -> Answer | None:
+        """The answer `lookup(name, rdtype)` would give from the cache, or None when it would
+        have to ask (or fail): a caller can then skip creating a task for the lookup."""
+        known = self._keys.get((name, rdtype))
+        return self._cache_get(known) if known is not None else None
+
     def _done(self, key: tuple[str, int], task: asyncio.Task[Answer]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
@@ -263,6 +269,13 @@ class Resolver:
     async def txt(self, name: str) -> list[str]:
         """Each TXT record's strings joined (RFC 7208 §3.3); undecodable bytes replaced."""
         return [b.decode("utf-8", "replace") for b in await self.txt_bytes(name)]
+
+    def txt_cached(self, name: str) -> list[str] | None:
+        """txt() from the cache only; None when not cached."""
+        ans = self.cached(name, "TXT")
+        if ans is None:
+            return None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in ans.records]  # type: ignore[attr-defined]
 
     async def txt_bytes(self, name: str) -> list[bytes]:
         ans = await self.lookup(name, "TXT")

@@ -7,12 +7,10 @@ a modifier group applies its members in order.
 
 from __future__ import annotations
 
-import asyncio
-
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, Header, MsgMeta
 from pymaddy.pipeline.interfaces import Check, CheckResult, CheckState, EarlyCheck, Modifier, ModifierState
-from pymaddy.pipeline.runner import module_of
+from pymaddy.pipeline.runner import gather_eager, module_of
 from pymaddy.runtime.module import Module
 
 
@@ -32,21 +30,31 @@ def merge_results(results: list[CheckResult]) -> CheckResult:
     return out
 
 
+_IMPLEMENTS: dict[tuple[type, str], bool] = {}
+
+
+def _implements(cls: type, stage: str) -> bool:
+    """Whether a CheckState class overrides the stage method (asked per message, answered once)."""
+    known = _IMPLEMENTS.get((cls, stage))
+    if known is None:
+        known = _IMPLEMENTS[cls, stage] = getattr(cls, stage) is not getattr(CheckState, stage)
+    return known
+
+
 class _GroupCheckState(CheckState):
     def __init__(self, states: list[CheckState]) -> None:
         self.states = states
 
     async def _all(self, name: str, *args: object) -> CheckResult:
         # Members that do not implement this stage answer OK: skip them. One left runs without a
-        # task; several run in parallel (their DNS waits overlap).
-        base = getattr(CheckState, name)
-        states = [s for s in self.states if getattr(type(s), name) is not base]
+        # task; several run together, each without a task unless it has to wait (their DNS
+        # waits overlap).
+        states = [s for s in self.states if _implements(type(s), name)]
         if not states:
             return CheckResult()
         if len(states) == 1:
             return merge_results([await getattr(states[0], name)(*args)])
-        results = await asyncio.gather(*(getattr(s, name)(*args) for s in states))
-        return merge_results(list(results))
+        return merge_results(await gather_eager([getattr(s, name)(*args) for s in states]))
 
     async def check_connection(self) -> CheckResult:
         return await self._all("check_connection")
@@ -71,8 +79,11 @@ class CheckGroup(Module, Check, EarlyCheck):
 
     async def check_conn_early(self, meta: MsgMeta) -> SMTPError | None:
         """Members that judge the connection itself (dnsbl), in parallel; first error in order wins."""
-        early = [self.ctx.module(i) for i in self.settings.get("members") or []]
-        errs = await asyncio.gather(*(m.check_conn_early(meta) for m in early if isinstance(m, EarlyCheck)))
+        mods = [self.ctx.module(i) for i in self.settings.get("members") or []]
+        early = [m.check_conn_early(meta) for m in mods if isinstance(m, EarlyCheck)]
+        if len(early) <= 1:
+            return await early[0] if early else None
+        errs = await gather_eager(early)
         return next((e for e in errs if e is not None), None)
 
     async def state_for_msg(self, meta: MsgMeta) -> CheckState:

@@ -245,3 +245,41 @@ def test_extract_from_domain(fields: bytes, want: str) -> None:
         assert str(ei.value).startswith(want)
     else:
         assert dmarc.extract_from_domain(header) == want
+
+
+def test_fetch_cached_agrees_with_fetch_and_asks_for_dns_when_unknown() -> None:
+    zone = {
+        "_dmarc.example.org": ["v=DMARC1; p=reject; sp=quarantine"],
+        "_dmarc.sub.example.org": [],
+        "_dmarc.b.example.org": ["some other text"],
+        "_dmarc.c.example.org": ["v=DMARC1; p=bogus"],
+    }
+    for domain in ("example.org", "sub.example.org", "b.example.org", "c.example.org"):
+        cached = dmarc.fetch_cached(zone.get, domain)
+        want = fetch(zone, domain)
+        assert cached is not None
+        assert (cached.from_domain, cached.policy_domain, cached.record) == (
+            want.from_domain,
+            want.policy_domain,
+            want.record,
+        )
+        assert str(cached.error) == str(want.error)
+    # A name the cache does not hold: None (the caller then does the lookup).
+    assert dmarc.fetch_cached(zone.get, "example.net") is None
+    assert dmarc.fetch_cached(zone.get, "x.sub.example.org") is None  # _dmarc.x.sub… is not cached
+    # The org-domain fallback from the cache: sub.example.org has no record, example.org does.
+    f = dmarc.fetch_cached(zone.get, "sub.example.org")
+    assert f is not None and f.policy_domain == "example.org" and f.record is not None
+    assert f.record.subdomain_policy == "quarantine"
+    # A From domain that is a public suffix: the error, without a lookup.
+    f = dmarc.fetch_cached({"_dmarc.co.uk": []}.get, "co.uk")
+    assert f is not None and isinstance(f.error, dmarc.DMARCError)
+
+
+def test_extract_from_domain_errors_repeat_identically() -> None:
+    """The From parse is remembered per value: a repeated bad From still raises the same error."""
+    header = Header.parse(b"From: a@example.org, b@example.net\r\n")
+    for _ in range(2):
+        with pytest.raises(dmarc.DMARCError, match="multiple addresses in From field"):
+            dmarc.extract_from_domain(header)
+    assert dmarc.extract_from_domain(Header.parse(b"From: <a@Example.org>\r\n")) == "Example.org"

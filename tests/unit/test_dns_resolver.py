@@ -287,3 +287,24 @@ def test_cancelled_caller_does_not_break_others(server: DNSServer) -> None:
         assert first.cancelled()
 
     run(main())
+
+
+def test_cached_answers_without_asking(server: DNSServer) -> None:
+    r = Resolver([server.address], timeout=1)
+
+    async def main() -> None:
+        assert r.cached("example.org", "TXT") is None  # never asked: no query is made for it
+        assert r.txt_cached("example.org") is None
+        assert server.log.count("example.org", "TXT") == 0
+        assert await r.txt("example.org") == ["v=spf1 ip4:192.0.2.0/24 -all"]
+        assert r.txt_cached("example.org") == ["v=spf1 ip4:192.0.2.0/24 -all"]
+        assert r.txt_cached("missing.example.org") is None
+        assert await r.txt("missing.example.org") == []
+        assert r.txt_cached("missing.example.org") == []  # the negative answer is cached too (SOA)
+        assert server.log.count("example.org", "TXT") == 1
+        # an expired entry is not an answer
+        for ent in r._cache.values():
+            ent.expires = time.monotonic() - 1
+        assert r.txt_cached("example.org") is None
+
+    run(main())
