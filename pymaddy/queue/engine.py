@@ -37,6 +37,7 @@ from pymaddy.runtime.log import Logger
 from pymaddy.runtime.metrics import Gauge, Registry
 
 SHUTDOWN_WAIT = 0.7  # the supervisor gives each module's stop() one second
+FRESH_BODY_BYTES = 8 * 1024 * 1024  # at most this much of just-committed bodies kept for first attempts
 
 
 @dataclass
@@ -70,8 +71,9 @@ class Entry:
         self.running = False
         self.removed = False
         # First attempt of a message committed in this process: its meta, header and the
-        # client's HELO (maddy's Conn, which is not written to disk) are still in memory.
-        self.fresh: tuple[QueueMeta, Header, str] | None = None
+        # client's HELO (maddy's Conn, which is not written to disk) are still in memory,
+        # and so is a small body (None: read the file).
+        self.fresh: tuple[QueueMeta, Header, str, bytes | None] | None = None
 
 
 def to_rcpt_error(err: BaseException) -> RcptError:
@@ -107,6 +109,7 @@ class Engine:
         self.wake = asyncio.Event()
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.fresh_bytes = 0  # sum of the bodies held in Entry.fresh
         self.control = control.Server(control.socket_path(runtime_dir, location), self.handle_control)
 
     @property
@@ -198,16 +201,31 @@ class Engine:
         if self.heap[0][1] == e.seq:
             self.wake.set()
 
+    def _take_fresh(self, e: Entry) -> tuple[QueueMeta, Header, str, bytes | None] | None:
+        fresh, e.fresh = e.fresh, None
+        if fresh is not None and fresh[3] is not None:
+            self.fresh_bytes -= len(fresh[3])
+        return fresh
+
     def _drop(self, e: Entry) -> None:
+        self._take_fresh(e)
         if self.entries.get(e.id) is e:
             del self.entries[e.id]
             self._count()
         e.seq = -1
 
-    def add_new(self, meta: QueueMeta, header: Header, helo: str) -> None:
-        """A message just committed: first attempt at once (spec §E)."""
+    def add_new(self, meta: QueueMeta, header: Header, helo: str, body: bytes | None = None) -> None:
+        """A message just committed: first attempt at once (spec §E).
+
+        `body`, the bytes just written, spares that attempt reading the file back; bounded
+        by FRESH_BODY_BYTES in all, for a backlog of fresh messages must not fill memory."""
         e = self._entry(meta.msg.id)
-        e.fresh = (meta, header, helo)
+        self._take_fresh(e)
+        if body is not None and self.fresh_bytes + len(body) > FRESH_BODY_BYTES:
+            body = None
+        if body is not None:
+            self.fresh_bytes += len(body)
+        e.fresh = (meta, header, helo, body)
         e.removed = False
         self._schedule(e, 0.0)
 
@@ -251,10 +269,10 @@ class Engine:
         log = cfg.log
         try:
             try:
-                if e.fresh is not None:
-                    meta, header, helo = e.fresh
-                    e.fresh = None
-                    body = self.store.body(e.id)
+                fresh = self._take_fresh(e)
+                if fresh is not None:
+                    meta, header, helo, data = fresh
+                    body = self.store.body(e.id) if data is None else Body(data)
                 else:
                     meta, header, body = await asyncio.to_thread(self._read, e.id)
                     helo = ""

@@ -35,6 +35,8 @@ DELAY_NOTIFIED_KEY = "PymaddyDelayNotified"
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time
 
+KEEP_BODY = 64 * 1024  # write_message returns bodies up to this size
+
 
 class MetaError(Exception):
     """A .meta file that cannot be read or understood."""
@@ -295,19 +297,31 @@ class Store:
 
     # writing a new message
 
-    def write_message(self, entry_id: str, header: bytes, body: Body) -> None:
-        """Write header and body (not yet synced). Raises FileExistsError if the ID is taken."""
+    def write_message(self, entry_id: str, header: bytes, body: Body) -> bytes | None:
+        """Write header and body (not yet synced). Raises FileExistsError if the ID is taken.
+
+        Returns the body's bytes when it is at most KEEP_BODY long (the queue hands them to
+        the first attempt instead of reading the file back), else None."""
         hp, bp = self.path(entry_id, HEADER), self.path(entry_id, BODY)
         self.fault("header.write")
         fd = os.open(hp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        made = [hp]
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
             self.fault("body.write")
-            with open(bp, "xb") as f, body.open() as src:
-                shutil.copyfileobj(src, f, 1 << 20)
+            with open(bp, "xb") as f:
+                made.append(bp)
+                data: bytes | None = None
+                if body.size <= KEEP_BODY:
+                    data = body.read_all()
+                    f.write(data)
+                else:
+                    with body.open() as src:
+                        shutil.copyfileobj(src, f, 1 << 20)
+            return data
         except Exception:
-            self._unlink(hp, bp)
+            self._unlink(*made)
             raise
 
     def commit_message(self, entry_id: str, meta: QueueMeta) -> None:
@@ -394,9 +408,11 @@ class Store:
     # removing
 
     def remove(self, entry_id: str) -> None:
-        """Header and body first, meta last (maddy's order: a meta without files is cleaned at load)."""
-        self._unlink(self.path(entry_id, HEADER), self.path(entry_id, BODY), self.path(entry_id, META),
-                     self.path(entry_id, NEW))
+        """Header and body first, meta last (maddy's order: a meta without files is cleaned at load).
+
+        No `.meta.new` to look for: write_meta removes its own on failure, and one left by a
+        crash is dropped by scan() at the next start."""
+        self._unlink(self.path(entry_id, HEADER), self.path(entry_id, BODY), self.path(entry_id, META))
 
     def mark_broken(self, entry_id: str) -> None:
         """Rename `.meta` to `.meta_broken`: never loaded or retried again, kept for the admin."""

@@ -1,9 +1,10 @@
 """`target.queue`: the module (spec §B.3, §E).
 
-Accepting is cheap and durable: every recipient is accepted, body() writes the
-header and body files, and commit() fsyncs them and writes the metadata
-atomically before it returns — the endpoint answers 250 only after that, so a
-message answered 250 survives a crash or a power loss. The engine
+Accepting is cheap and durable: every recipient is accepted, body() takes the
+message, and commit() writes the header and body files, fsyncs them and writes
+the metadata atomically before it returns (one worker-thread trip) — the
+endpoint answers 250 only after that, so a message answered 250 survives a
+crash or a power loss. The engine
 (pymaddy/queue/engine.py) then makes the first attempt at once.
 """
 
@@ -117,7 +118,11 @@ def _copy_meta(meta: MsgMeta) -> MsgMeta:
 
 
 class QueueDelivery(Delivery):
-    """maddy's queueDelivery: not a PartialDelivery; every recipient is accepted."""
+    """maddy's queueDelivery: not a PartialDelivery; every recipient is accepted.
+
+    body() only takes the message; commit() writes, fsyncs and records it in one trip to a
+    worker thread, so nothing of an uncommitted message is ever on disk and an abort before
+    the commit has nothing to undo."""
 
     def __init__(self, q: QueueTarget, eng: engine_mod.Engine, meta: QueueMeta, helo: str) -> None:
         self.q = q
@@ -125,58 +130,77 @@ class QueueDelivery(Delivery):
         self.meta = meta
         self.helo = helo
         self.header: Header | None = None
-        self.written = False
+        self.header_bytes = b""
+        self.body_src: Body | None = None
         self.done = False
 
     async def add_rcpt(self, rcpt: str) -> None:
         self.meta.to.append(rcpt)
 
     async def body(self, header: Header, body: Body) -> None:
+        self.header_bytes = header.to_bytes() + b"\r\n"
+        self.header = header.copy()
+        self.body_src = body
+
+    def _store(self) -> tuple[list[str], bytes | None]:
+        """Worker thread: the files under a free ID, then the durable commit (store.py).
+
+        Returns the IDs found taken on the way (for the log) and the body bytes if small."""
         store = self.engine.store
-        data = header.to_bytes() + b"\r\n"
+        assert self.body_src is not None
+        taken: list[str] = []
         for _ in range(ID_RETRIES):
             try:
-                await asyncio.to_thread(store.write_message, self.meta.msg.id, data, body)
+                data = store.write_message(self.meta.msg.id, self.header_bytes, self.body_src)
                 break
             except FileExistsError:
                 # 32-bit IDs: another queued message has this one. The file name must equal
                 # MsgMeta.ID (maddy removes entries by it), so the queued copy gets a new ID.
-                self.q.log.msg("queue ID collision, using a new ID", msg_id=self.meta.msg.id)
+                taken.append(self.meta.msg.id)
                 self.meta.msg.id = new_msg_id()
-            except OSError as e:
-                raise SMTPError(451, (4, 0, 0), "Internal server error", reason=f"queue: {e}",
-                                target="queue") from None
         else:
-            raise SMTPError(451, (4, 0, 0), "Internal server error", reason="queue: no free ID", target="queue")
-        self.written = True
-        self.header = header.copy()
+            raise _NoFreeID
+        store.commit_message(self.meta.msg.id, self.meta)
+        return taken, data
+
+    def _stored(self, result: tuple[list[str], bytes | None]) -> None:
+        taken, data = result
+        for old in taken:
+            self.q.log.msg("queue ID collision, using a new ID", msg_id=old)
+        self.done = True
+        assert self.header is not None
+        self.engine.add_new(self.meta, self.header, self.helo, data)
 
     async def commit(self) -> None:
         if self.done:
             return
-        if not self.written or self.header is None:
+        if self.body_src is None or self.header is None:
             raise SMTPError(451, (4, 0, 0), "Internal server error", reason="queue: commit without body",
                             target="queue")
-        fut = asyncio.ensure_future(asyncio.to_thread(self.engine.store.commit_message, self.meta.msg.id, self.meta))
+        fut = asyncio.ensure_future(asyncio.to_thread(self._store))
         try:
             try:
-                await asyncio.shield(fut)
+                result = await asyncio.shield(fut)
             except asyncio.CancelledError:
                 # The session went away mid-commit: the files still become durable in the worker
                 # thread, so the entry must be scheduled whatever the client is told.
                 await asyncio.wait([fut], timeout=30)
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self.done = True
-                    self.engine.add_new(self.meta, self.header, self.helo)
+                    self._stored(fut.result())
                 raise
+        except _NoFreeID:
+            raise SMTPError(451, (4, 0, 0), "Internal server error", reason="queue: no free ID",
+                            target="queue") from None
         except OSError as e:
-            self.written = False  # commit_message removed the files
+            # write_message / commit_message removed what they had written
             raise SMTPError(451, (4, 0, 0), "Internal server error", reason=f"queue: {e}",
                             target="queue") from None
-        self.done = True
-        self.engine.add_new(self.meta, self.header, self.helo)
+        self._stored(result)
 
     async def abort(self) -> None:
-        if self.written and not self.done:
-            self.written = False
-            await asyncio.to_thread(self.engine.store.remove, self.meta.msg.id)
+        # Before commit() nothing is on disk; a failed commit cleaned up after itself.
+        self.body_src = None
+
+
+class _NoFreeID(Exception):
+    """Every ID tried was taken."""

@@ -77,6 +77,13 @@ def _wrap(err: BaseException, server: str) -> SMTPError:
     return SMTPError(451, (4, 0, 0), "Internal server error", reason=str(err), target=TARGET, remote_server=server)
 
 
+def _rcpt_error(err: BaseException, server: str) -> SMTPError:
+    wrapped = _wrap(err, server)
+    if wrapped is not err:
+        wrapped.__cause__ = err
+    return wrapped
+
+
 class RemoteTarget(Module, DeliveryTarget):
     """target.remote."""
 
@@ -262,25 +269,32 @@ class RemoteDelivery(PartialDelivery):
             raise SMTPError(550, (5, 1, 1), "<postmaster> address it no supported", target=TARGET)
         if domain.startswith("["):
             raise SMTPError(550, (5, 1, 1), "IP address literals are not supported", target=TARGET)
-        conn = await self._conn_for(domain)
-        to = rcpt if conn.client.supports("SMTPUTF8") else ascii_rcpt(rcpt, TARGET)
-        try:
-            await conn.client.rcpt(to)
-        except Exception as e:
+        key = domain.lower().rstrip(".")
+        conn = self.conns.get(key)
+        if conn is None:
+            # a new transaction: MAIL FROM and this RCPT TO go out together (RFC 2920)
+            conn, err = await self._conn_for(key, rcpt)
+        else:
+            to = rcpt if conn.client.supports("SMTPUTF8") else ascii_rcpt(rcpt, TARGET)
+            err = None
+            try:
+                await conn.client.rcpt(to)
+            except Exception as e:
+                err = _rcpt_error(e, conn.mx)
+        if err is not None:
             if not conn.client.connected:
                 conn.errored = True
-            raise _wrap(e, conn.mx) from e
+            raise err
         conn.rcpts.append(rcpt)
         self.rcpts.append(rcpt)
         conn.last_use = time.monotonic()
 
-    async def _conn_for(self, domain: str) -> MXConn:
-        key = domain.lower().rstrip(".")
-        conn = self.conns.get(key)
-        if conn is not None:
-            return conn
+    async def _conn_for(self, key: str, rcpt: str) -> tuple[MXConn, SMTPError | None]:
+        """The domain's connection with a transaction open (MAIL FROM accepted) and the outcome
+        of RCPT TO for `rcpt`, which went along with MAIL (None: accepted)."""
         requiretls = self.meta.requiretls
         conn = None
+        rcpt_err: SMTPError | None = None
         pooled = self.rt.pool.get(key)
         if pooled is not None and requiretls:
             await pooled.close()  # REQUIRETLS: the levels must come from a fresh connection
@@ -288,7 +302,7 @@ class RemoteDelivery(PartialDelivery):
         if pooled is not None:
             self.log.msg("reusing cached connection", domain=key, transactions_counter=pooled.transactions)
             try:
-                await self._mail(pooled)
+                rcpt_err = await self._mail(pooled, rcpt)
                 conn = pooled
             except SMTPError as e:
                 if pooled.client.connected and _is_reply(e):
@@ -300,7 +314,7 @@ class RemoteDelivery(PartialDelivery):
             if requiretls:
                 self._requiretls_levels(conn)  # RFC 8689 §4.2.1
             try:
-                await self._mail(conn)
+                rcpt_err = await self._mail(conn, rcpt)
             except Exception:
                 await conn.close()
                 raise
@@ -312,7 +326,7 @@ class RemoteDelivery(PartialDelivery):
                 raise
             self.dest_taken.add(key)
         self.conns[key] = conn
-        return conn
+        return conn, rcpt_err
 
     def _requiretls_levels(self, conn: MXConn) -> None:
         if conn.tls_level < TLSLevel.AUTHENTICATED:
@@ -334,7 +348,9 @@ class RemoteDelivery(PartialDelivery):
                 mx_level=str(conn.mx_level),
             )
 
-    async def _mail(self, conn: MXConn) -> None:
+    async def _mail(self, conn: MXConn, rcpt: str) -> SMTPError | None:
+        """MAIL FROM (its failure raised, wrapped) with the first RCPT TO pipelined after it;
+        returns RCPT's failure, as add_rcpt reports it for that recipient (None: accepted)."""
         cl = conn.client
         requiretls = self.meta.requiretls
         if requiretls and self.rt.relaxed_requiretls and not cl.supports("REQUIRETLS"):
@@ -343,14 +359,27 @@ class RemoteDelivery(PartialDelivery):
         sender = self.mail_from
         if self.meta.smtputf8 and not utf8:
             sender = ascii_sender(self.mail_from)
+        to: str | None = rcpt
+        rcpt_err: SMTPError | None = None
+        if not cl.supports("SMTPUTF8"):
+            try:
+                to = ascii_rcpt(rcpt, TARGET)
+            except SMTPError as e:
+                to, rcpt_err = None, e  # MAIL alone; this recipient is refused without asking
+        size, body_8bit = self.meta.size, self.meta.body_8bit
         try:
-            await cl.mail(
-                sender, size=self.meta.size, body_8bit=self.meta.body_8bit, smtputf8=utf8, requiretls=requiretls
-            )
+            if to is None:
+                await cl.mail(sender, size=size, body_8bit=body_8bit, smtputf8=utf8, requiretls=requiretls)
+            else:
+                refused = await cl.mail_rcpt(
+                    sender, to, size=size, body_8bit=body_8bit, smtputf8=utf8, requiretls=requiretls
+                )
+                rcpt_err = None if refused is None else _rcpt_error(refused, conn.mx)
         except Exception as e:
             raise _wrap(e, conn.mx) from e
         conn.rcpts = []
         conn.last_use = time.monotonic()
+        return rcpt_err
 
     # -- MX selection ---------------------------------------------------------------------
 

@@ -68,21 +68,23 @@ def parse_reply(lines: list[bytes]) -> Reply:
 
 
 def dot_stuff(chunks: Iterable[bytes]) -> Iterable[bytes]:
-    """Yield DATA content: bare LF → CRLF, leading '.' doubled (RFC 5321 §4.5.2), terminated by CRLF.CRLF."""
+    """Yield DATA content: bare LF → CRLF, leading '.' doubled (RFC 5321 §4.5.2), terminated by CRLF.CRLF.
+
+    Works on whole runs of complete lines with bytes.replace (C speed); only the partial
+    last line of a chunk is carried over to the next one. A CR is dropped only as part of
+    CRLF; any other CR is content."""
     carry = b""
     for chunk in chunks:
-        buf = carry + chunk
-        lines = buf.split(b"\n")
-        carry = lines.pop()
-        out = []
-        for raw in lines:
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            if line.startswith(b"."):
-                out.append(b".")
-            out.append(line)
-            out.append(b"\r\n")
-        if out:
-            yield b"".join(out)
+        buf = carry + chunk if carry else chunk
+        cut = buf.rfind(b"\n") + 1
+        if not cut:
+            carry = buf
+            continue
+        carry = buf[cut:]
+        block = buf[:cut].replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
+        if block.startswith(b"."):
+            block = b"." + block
+        yield block.replace(b"\n", b"\r\n")
     if carry:
         if carry.endswith(b"\r"):
             carry = carry[:-1]
@@ -240,7 +242,7 @@ class SMTPClient:
 
     # -- transaction ------------------------------------------------------------------------------
 
-    async def mail(
+    def _mail_cmd(
         self,
         sender: str,
         *,
@@ -249,7 +251,7 @@ class SMTPClient:
         smtputf8: bool = False,
         requiretls: bool = False,
         auth: str | None = None,
-    ) -> None:
+    ) -> str:
         """MAIL FROM with the ESMTP parameters the server announced (RFC 6152, 1870, 6531, 8689)."""
         cmd = f"MAIL FROM:<{sender}>"
         if "8BITMIME" in self.extensions and body_8bit:
@@ -266,8 +268,52 @@ class SMTPClient:
             cmd += " REQUIRETLS"
         if auth is not None and "AUTH" in self.extensions and _xtext_ok(auth):
             cmd += f" AUTH=<{auth}>" if auth == "" else f" AUTH={auth}"
+        return cmd
+
+    async def mail(
+        self,
+        sender: str,
+        *,
+        size: int = 0,
+        body_8bit: bool = False,
+        smtputf8: bool = False,
+        requiretls: bool = False,
+        auth: str | None = None,
+    ) -> None:
+        """MAIL FROM with the ESMTP parameters the server announced (RFC 6152, 1870, 6531, 8689)."""
+        cmd = self._mail_cmd(
+            sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8, requiretls=requiretls, auth=auth
+        )
         self.rcpts = []
         await self.expect(cmd, 250)
+
+    async def mail_rcpt(
+        self,
+        sender: str,
+        rcpt: str,
+        *,
+        size: int = 0,
+        body_8bit: bool = False,
+        smtputf8: bool = False,
+        requiretls: bool = False,
+    ) -> SMTPError | None:
+        """MAIL FROM and the first RCPT TO, in one write when the server offers PIPELINING
+        (RFC 2920 §3.1), else one after the other. MAIL's refusal (or any I/O error) is
+        raised; RCPT's refusal is returned (None: accepted) so that the caller reports it
+        for that recipient alone. Both replies are always read, in order (RFC 2920 §3.2)."""
+        cmd = self._mail_cmd(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8, requiretls=requiretls)
+        self.rcpts = []
+        if "PIPELINING" not in self.extensions:
+            await self.expect(cmd, 250)
+            reply = await self.command(f"RCPT TO:<{rcpt}>")
+        else:
+            mail_reply, reply = await self.pipeline([cmd, f"RCPT TO:<{rcpt}>"])
+            if mail_reply.code != 250:
+                raise mail_reply.error(self.server_name)
+        if reply.code not in (250, 251):
+            return reply.error(self.server_name)
+        self.rcpts.append(rcpt)
+        return None
 
     async def rcpt(self, rcpt: str) -> None:
         await self.expect(f"RCPT TO:<{rcpt}>", 250, 251)
@@ -302,7 +348,7 @@ class SMTPClient:
         try:
             for piece in dot_stuff(_read_chunks(first, stream)):
                 writer.write(piece)
-                await asyncio.wait_for(writer.drain(), self.submission_timeout)
+                await self._drain(writer, self.submission_timeout)
         except (TimeoutError, OSError) as e:
             raise self._io_error(e, "write") from e
 
@@ -373,10 +419,34 @@ class SMTPClient:
         writer = self._conn()[1]
         try:
             writer.write(line.encode("utf-8") + b"\r\n")
-            await asyncio.wait_for(writer.drain(), timeout or self.command_timeout)
+            await self._drain(writer, timeout or self.command_timeout)
         except (TimeoutError, OSError) as e:
             raise self._io_error(e, "write") from e
         return await self._read_reply(timeout or self.command_timeout)
+
+    async def pipeline(self, lines: list[str]) -> list[Reply]:
+        """RFC 2920: send a group of commands in one write and read their replies in order.
+
+        Only for a server that offers PIPELINING; the last command of a group may be one
+        that changes the state (DATA, RSET, ...) but nothing may follow it (§3.1)."""
+        if any("\r" in line or "\n" in line for line in lines):
+            raise ValueError("smtp: a command must not contain CR or LF")
+        writer = self._conn()[1]
+        try:
+            writer.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+            await self._drain(writer, self.command_timeout)
+        except (TimeoutError, OSError) as e:
+            raise self._io_error(e, "write") from e
+        return [await self._read_reply(self.command_timeout) for _ in lines]
+
+    @staticmethod
+    async def _drain(writer: asyncio.StreamWriter, timeout: float) -> None:
+        # The kernel took everything (the usual case for a command line): there is nothing
+        # to wait for, so skip wait_for's task and timer. A closed connection shows on read.
+        transport = writer.transport
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            return
+        await asyncio.wait_for(writer.drain(), timeout)
 
     async def expect(self, line: str, *codes: int) -> Reply:
         reply = await self.command(line)

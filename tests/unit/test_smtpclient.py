@@ -14,13 +14,15 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, ConnInfo, Header, MsgMeta
@@ -33,6 +35,10 @@ from tests.runtime_helpers import bare_context, compile_graph
 SINK = "/usr/sbin/smtp-sink"
 
 
+# bytes mapped onto the few that matter to stuffing: '.', CR, LF and one ordinary letter
+_FEW = bytes(b".\r\na"[i % 4] for i in range(256))
+
+
 def stuffed(data: bytes, chunk: int = 3) -> bytes:
     return b"".join(dot_stuff(data[i : i + chunk] for i in range(0, len(data), chunk)))
 
@@ -43,6 +49,34 @@ def test_dot_stuffing_and_line_endings() -> None:
     assert stuffed(b".") == b"..\r\n.\r\n"
     assert stuffed(b"") == b".\r\n"
     assert stuffed(b"x\r\n.\r\ny\r\n", chunk=1) == b"x\r\n..\r\ny\r\n.\r\n"
+
+
+def reference_dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The straightforward per-line version dot_stuff must stay equivalent to."""
+    carry = b""
+    for chunk in chunks:
+        lines = (carry + chunk).split(b"\n")
+        carry = lines.pop()
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            yield (b"." if line.startswith(b".") else b"") + line + b"\r\n"
+    if carry:
+        carry = carry[:-1] if carry.endswith(b"\r") else carry
+        yield (b"." if carry.startswith(b".") else b"") + carry + b"\r\n"
+    yield b".\r\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.translate(_FEW)), max_size=8))
+def test_dot_stuffing_matches_the_per_line_reference(chunks: list[bytes]) -> None:
+    # any split of the same bytes into chunks gives the reference's output
+    assert b"".join(dot_stuff(iter(chunks))) == b"".join(reference_dot_stuff(iter(chunks)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200).map(lambda b: b.translate(_FEW)), st.integers(1, 50))
+def test_dot_stuffing_ignores_chunk_boundaries(data: bytes, size: int) -> None:
+    assert stuffed(data, size) == b"".join(reference_dot_stuff([data]))
 
 
 def test_reply_parsing_strips_repeated_enhanced_code() -> None:
@@ -73,6 +107,7 @@ class Fake:
     messages: list[bytes] = field(default_factory=list)
     auth_as: list[str] = field(default_factory=list)
     greet: bool = True
+    pipelining: bool = False  # advertise PIPELINING and answer MAIL only once the next command is in
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -93,14 +128,17 @@ class Fake:
         await send("220 fake ESMTP")
         tls_on = False
         rcpts: list[str] = []
+        pending: list[str] = []
         while True:
-            line = (await reader.readline()).decode().rstrip("\r\n")
+            line = pending.pop(0) if pending else (await reader.readline()).decode().rstrip("\r\n")
             if not line:
                 return
             self.seen.append(line)
             verb = line.split(" ", 1)[0].upper()
             if verb in ("EHLO", "LHLO"):
                 ext = ["8BITMIME", "SIZE 1000000", "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN"]
+                if self.pipelining:
+                    ext.insert(0, "PIPELINING")
                 if self.tls is not None and not tls_on:
                     ext.append("STARTTLS")
                 await send("\r\n".join(["250-fake"] + [f"250-{e}" for e in ext[:-1]] + [f"250 {ext[-1]}"]))
@@ -124,6 +162,8 @@ class Fake:
                     await send("535 5.7.8 Invalid credentials")
             elif verb == "MAIL":
                 rcpts = []
+                if self.pipelining:  # a lockstep client would wait here for ever
+                    pending.append((await reader.readline()).decode().rstrip("\r\n"))
                 if "multi" in line:
                     await send("550-5.7.1 line one\r\n550 5.7.1 line two")
                 else:
@@ -249,6 +289,57 @@ def test_error_replies_carry_codes() -> None:
                 await cl.mail("b@example.org", smtputf8=True)
             assert ei.value.code == 550
             await cl.quit()
+
+    asyncio.run(main())
+
+
+def test_mail_and_first_rcpt_are_pipelined_and_answered_in_order() -> None:
+    async def main() -> None:
+        fake = Fake(pipelining=True)
+        async with serve(fake) as port:
+            cl = SMTPClient(command_timeout=10)
+            await cl.connect("127.0.0.1", port)
+            await cl.hello()
+            assert cl.supports("PIPELINING")
+            # RFC 2920: RCPT went out before MAIL's reply came back (the fake waits for it)
+            assert await cl.mail_rcpt("a@example.org", "one@example.net", size=5) is None
+            assert fake.seen[-2:] == ["MAIL FROM:<a@example.org> SIZE=5", "RCPT TO:<one@example.net>"]
+            await cl.rcpt("two@example.net")
+            assert cl.rcpts == ["one@example.net", "two@example.net"]
+            await cl.data(b"Subject: p\r\n", b"hi\r\n")
+            # a refused recipient is returned, not raised: the transaction goes on
+            err = await cl.mail_rcpt("a@example.org", "unknown@example.net")
+            assert err is not None and (err.code, err.enhanced, err.message) == (550, (5, 1, 1), "No such user")
+            assert cl.rcpts == []
+            await cl.rset()
+            # a refused MAIL is raised; the RCPT reply behind it is read too (the next command works)
+            with pytest.raises(SMTPError) as ei:
+                await cl.mail_rcpt("multi@example.org", "one@example.net")
+            assert (ei.value.code, ei.value.enhanced) == (550, (5, 7, 1))
+            await cl.noop()
+            await cl.quit()
+        assert fake.messages == [b"Subject: p\r\n\r\nhi\r\n"]
+
+    asyncio.run(main())
+
+
+def test_mail_rcpt_is_lockstep_without_pipelining() -> None:
+    async def main() -> None:
+        fake = Fake()
+        async with serve(fake) as port:
+            cl = SMTPClient(command_timeout=10)
+            await cl.connect("127.0.0.1", port)
+            await cl.hello()
+            assert not cl.supports("PIPELINING")
+            assert await cl.mail_rcpt("a@example.org", "one@example.net") is None
+            err = await cl.mail_rcpt("a@example.org", "unknown@example.net")
+            assert err is not None and err.code == 550
+            with pytest.raises(SMTPError) as ei:
+                await cl.mail_rcpt("multi@example.org", "one@example.net")
+            assert ei.value.code == 550
+            await cl.quit()
+        # MAIL refused: no RCPT was sent after it
+        assert fake.seen[-3:] == ["RCPT TO:<unknown@example.net>", "MAIL FROM:<multi@example.org>", "QUIT"]
 
     asyncio.run(main())
 
