@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -95,7 +94,7 @@ def smtp_login(port: int, source: str, user: str, password: str) -> tuple[int, s
         try:
             code, msg = s.login(user, password)
         except smtplib.SMTPAuthenticationError as e:
-            code, msg = e.smtp_code, e.smtp_error
+            return e.smtp_code, e.smtp_error.decode() if isinstance(e.smtp_error, bytes) else str(e.smtp_error)
         return code, msg.decode()
 
 

@@ -174,7 +174,7 @@ def test_quota_refuses_mail_for_a_full_mailbox(env: Env) -> None:
     big = b"Subject: big\r\n\r\n" + b"y" * 3000 + b"\r\n"
     with smtplib.SMTP("127.0.0.1", env.ports["ram"], timeout=20) as s:
         s.ehlo("localhost")
-        s.mail("sender@maddy.test", ["SIZE=%d" % len(big)])
+        s.mail("sender@maddy.test", [f"SIZE={len(big)}"])
         code, msg = s.rcpt("small@maddy.test")
         assert code == 552 and msg.startswith(b"5.2.2 Mailbox is full"), msg
         assert s.rcpt("testusr@maddy.test")[0] == 250
