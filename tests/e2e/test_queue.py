@@ -371,6 +371,7 @@ def test_reload_hands_the_queue_over_without_double_attempts(env: Env, servers: 
     wait_delivered(env, "q-reload")
     wait_delivered(env, "q-reload-2")
     wait_until(lambda: not env.queued(), what="empty queue")
+    a.wait_for("queue: delivered", count=2, timeout=WAIT)  # the log line may trail the files' removal
     assert a.count("saved queue entries") == 0  # the engine was handed over, not reloaded from disk
     assert a.count("queue: delivered") == 2
     assert len(with_subject(env.b, "q-reload")) == 1
