@@ -39,18 +39,16 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import cpu_seconds, fmt, free_port, server_env, vm_kib
+from benchlib import PymaddyProcess, cpu_seconds, fmt, free_port, vm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -157,37 +155,16 @@ class Result:
         return max(rs) if rs else None
 
 
-class PymaddyServer:
-    """The real server in a fresh temp dir, with stderr collected by a thread."""
+class PymaddyServer(PymaddyProcess):
+    """The real server in a fresh temp dir (benchlib.PymaddyProcess), one storage account."""
 
     def __init__(self, tmp: Path, port: int, checks: bool, dns_override: str) -> None:
-        self.tmp = tmp
+        conf = tmp / "maddy.conf"
+        conf.write_text(CONFIG.format(tmp=tmp, port=port, checks=CHECKS if checks else ""))
+        super().__init__(conf, tmp, args=("-debug.dnsoverride", dns_override))
         self.port = port
-        self.conf = tmp / "maddy.conf"
-        self.conf.write_text(CONFIG.format(tmp=tmp, port=port, checks=CHECKS if checks else ""))
-        env = server_env()
-        r = subprocess.run(
-            [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "imap-acct", "create", RCPT],
-            capture_output=True, text=True, env=env, timeout=60, check=False, cwd=tmp,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"imap-acct create failed: {r.stderr.strip()[-300:]}")
-        cmd = [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "run", "-debug.dnsoverride", dns_override]
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(30):
-            self.close()
-            raise RuntimeError("pymaddy: no 'server started' within 30 s:\n" + "\n".join(self.lines[-20:]))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "server started" in line:
-                self._started.set()
+        self.cli("imap-acct", "create", RCPT, timeout=60)
+        self.start()
 
     def _connect(self) -> sqlite3.Connection:
         db = self.tmp / "state" / "imapsql.db"
@@ -215,14 +192,6 @@ class PymaddyServer:
         rest = bytes(data) if data is not None else (self.tmp / "state" / "messages" / key).read_bytes()
         return bytes(prefix or b"") + rest
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def auth_results_ok(msg: bytes) -> str:
@@ -254,11 +223,11 @@ def run_pymaddy(cell: Cell, checks: bool, dns: DNSServer, msg_file: Path, timeou
         srv = PymaddyServer(tmp, free_port(), checks, dns.override)
         try:
             q0 = len(dns.log.entries)
-            cpu0 = cpu_seconds(srv.proc.pid)
+            cpu0 = cpu_seconds(srv.pid)
             dt, err = smtp_source(cell, srv.port, msg_file, timeout)
-            cpu = cpu_seconds(srv.proc.pid) - cpu0
+            cpu = cpu_seconds(srv.pid) - cpu0
             queries = len(dns.log.entries) - q0
-            rss = vm_kib(srv.proc.pid, "VmHWM") / 1024
+            rss = vm_kib(srv.pid, "VmHWM") / 1024
             # smtp-source only ends after the last 250, which pymaddy sends after the commit
             stored = srv.stored()
             why = auth_results_ok(srv.one_message()) if checks and stored else ""

@@ -74,7 +74,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import fmt, free_port, server_env, vm_kib
+from benchlib import PymaddyProcess, fmt, free_port, vm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
@@ -415,54 +415,22 @@ class RssSampler(threading.Thread):
         return self.peak_kib / 1024
 
 
-class PymaddyServer:
-    """The real server in a fresh temp dir, accounts made with the CLI, stderr collected by a thread."""
+class PymaddyServer(PymaddyProcess):
+    """The real server in a fresh temp dir (benchlib.PymaddyProcess), accounts made with the CLI."""
 
     def __init__(self, tmp: Path, port: int, users: Sequence[str], pw_hash: str) -> None:
-        self.tmp = tmp
+        conf = tmp / "maddy.conf"
+        conf.write_text(CONFIG.format(tmp=tmp, port=port))
+        super().__init__(conf, tmp)
         self.port = port
-        self.conf = tmp / "maddy.conf"
-        self.conf.write_text(CONFIG.format(tmp=tmp, port=port))
-        self.env = server_env()
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        self.proc: subprocess.Popen[str] | None = None
         for u in users:
-            self.cli("creds", "create", *HASH_ARGS[pw_hash], "-p", PASSWORD, u)
-            self.cli("imap-acct", "create", u)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "run"], cwd=tmp, env=self.env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(30):
-            self.close()
-            raise RuntimeError("pymaddy: no 'server started' within 30 s:\n" + "\n".join(self.lines[-20:]))
+            self.cli("creds", "create", *HASH_ARGS[pw_hash], "-p", PASSWORD, u, timeout=60)
+            self.cli("imap-acct", "create", u, timeout=60)
+        self.start()
         wait_port(port, 10)
-
-    def cli(self, *args: str) -> None:
-        r = subprocess.run([sys.executable, "-m", "pymaddy", "-config", str(self.conf), *args],
-                           capture_output=True, text=True, env=self.env, timeout=60, check=False, cwd=self.tmp)
-        if r.returncode != 0:
-            raise RuntimeError(f"pymaddy {' '.join(args[:2])} failed: {r.stderr.strip()[-300:]}")
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "server started" in line:
-                self._started.set()
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -880,7 +848,7 @@ def run_target(name: str, args: argparse.Namespace, users: Sequence[str], small:
     except (RuntimeError, ImapError, OSError, TimeoutError, subprocess.SubprocessError) as e:
         res.error = f"{type(e).__name__}: {e}"[:400]
         if srv is not None:
-            res.error += "\n" + "\n".join(srv.lines[-10:])
+            res.error += "\n" + srv.log_tail(10)
         print(f"[{name}] FAILED: {res.error}", file=sys.stderr, flush=True)
     finally:
         if srv is not None:

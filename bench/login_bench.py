@@ -30,17 +30,15 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchlib import ROOT, fmt, free_port, server_env
+from benchlib import ROOT, PymaddyProcess, fmt, free_port
 from imap_bench import Imap, ImapError, pct, wait_port
 
 sys.path.insert(0, str(ROOT))
@@ -155,49 +153,21 @@ class Result:
 # -- the servers ------------------------------------------------------------------------------------
 
 
-class Pymaddy:
+class Pymaddy(PymaddyProcess):
     def __init__(self, tmp: Path, ldap: LDAPServer, users: Sequence[str], auth: str) -> None:
         self.port = free_port()
-        self.tmp = tmp
-        self.conf = tmp / "maddy.conf"
+        conf = tmp / "maddy.conf"
         auth_block = TABLE_AUTH if auth == "table_authdb" else LDAP_AUTH.format(
             ldap_url=ldap.url, admin_dn=ADMIN_DN, admin_pw=ADMIN_PASSWORD, base_dn=BASE_DN, filter=FILTER)
-        self.conf.write_text(PYMADDY_CONFIG.format(tmp=tmp, port=self.port, auth_block=auth_block, auth=auth))
-        self.env = server_env()
-        self.lines: list[str] = []
-        self._started = threading.Event()
+        conf.write_text(PYMADDY_CONFIG.format(tmp=tmp, port=self.port, auth_block=auth_block, auth=auth))
+        super().__init__(conf, tmp)
         if auth == "table_authdb":
             for u in users:  # `creds create` default: bcrypt at cost 10
                 self.cli("creds", "create", "--cfg-block", "table_authdb", "-p", PASSWORD, u)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "run"], cwd=tmp, env=self.env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(30) or not wait_port(self.port, 10):
+        self.start()
+        if not wait_port(self.port, 10):
             self.close()
-            raise RuntimeError("pymaddy did not start:\n" + "\n".join(self.lines[-20:]))
-
-    def cli(self, *args: str) -> None:
-        r = subprocess.run([sys.executable, "-m", "pymaddy", "-config", str(self.conf), *args],
-                           capture_output=True, text=True, env=self.env, timeout=120, check=False, cwd=self.tmp)
-        if r.returncode != 0:
-            raise RuntimeError(f"pymaddy {' '.join(args[:3])} failed: {r.stderr.strip()[-300:]}")
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "server started" in line:
-                self._started.set()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            raise RuntimeError("pymaddy did not listen:\n" + self.log_tail())
 
 
 class Dovecot:

@@ -57,12 +57,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchlib import ROOT, fmt, free_port, server_env
+from benchlib import ROOT, PymaddyProcess, fmt, free_port
 from imap_bench import pct, wait_port
 
 if str(ROOT) not in sys.path:
@@ -236,50 +235,33 @@ class Relay:
         raise NotImplementedError
 
 
-class Pymaddy(Relay):
+class Pymaddy(Relay, PymaddyProcess):
     name = "pymaddy"
 
     def __init__(self, dns_override: str, smtp_port: int, mx_auth: str) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="outbound-bench-pymaddy-"))
+        tmp = Path(tempfile.mkdtemp(prefix="outbound-bench-pymaddy-"))
         self.port = free_port()
-        conf = self.tmp / "maddy.conf"
-        conf.write_text(PYMADDY_CONFIG.format(tmp=self.tmp, port=self.port,
+        conf = tmp / "maddy.conf"
+        conf.write_text(PYMADDY_CONFIG.format(tmp=tmp, port=self.port,
                                               mx_auth=MX_AUTH_LOOKUPS if mx_auth == "lookups" else ""))
-        cmd = [sys.executable, "-m", "pymaddy", "-config", str(conf), "run",
-               "-debug.dnsoverride", dns_override, "-debug.smtpport", str(smtp_port)]
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self._started = threading.Event()
-        self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=server_env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(30) or not wait_port(self.port, 10):
+        PymaddyProcess.__init__(self, conf, tmp,
+                                args=("-debug.dnsoverride", dns_override, "-debug.smtpport", str(smtp_port)))
+        self.start()
+        if not wait_port(self.port, 10):
             self.close()
-            raise RuntimeError("pymaddy did not start:\n" + self.log_tail())
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "server started" in line:
-                self._started.set()
+            raise RuntimeError("pymaddy did not listen:\n" + self.log_tail())
 
     def root_pid(self) -> int:
-        return self.proc.pid
+        return self.pid
 
     def queued(self) -> int:
         return sum(1 for _ in (self.tmp / "state").rglob("*.meta"))
 
-    def log_tail(self) -> str:
-        return "\n".join(list(self.lines)[-15:])
+    def log_tail(self, n: int = 15) -> str:
+        return PymaddyProcess.log_tail(self, n)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        PymaddyProcess.close(self)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

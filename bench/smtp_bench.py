@@ -37,12 +37,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import cpu_seconds, fmt, free_port, server_env, vm_kib
+from benchlib import PymaddyProcess, cpu_seconds, fmt, free_port, vm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
@@ -104,45 +103,24 @@ class Result:
         return max(rs) if rs else None
 
 
-class PymaddyServer:
-    """The real server in a fresh temp dir, with stderr collected by a thread."""
+class PymaddyServer(PymaddyProcess):
+    """The real server in a fresh temp dir (benchlib.PymaddyProcess), optionally under py-spy."""
 
     def __init__(self, tmp: Path, port: int, profile: Path | None = None) -> None:
-        self.tmp = tmp
+        conf = tmp / "maddy.conf"
+        conf.write_text(CONFIG.format(tmp=tmp, port=port))
+        super().__init__(conf, tmp)
         self.port = port
-        self.conf = tmp / "maddy.conf"
-        self.conf.write_text(CONFIG.format(tmp=tmp, port=port))
-        env = server_env()
-        r = subprocess.run(
-            [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "imap-acct", "create", RCPT],
-            capture_output=True, text=True, env=env, timeout=60, check=False, cwd=tmp,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"imap-acct create failed: {r.stderr.strip()[-300:]}")
-        cmd = [sys.executable, "-m", "pymaddy", "-config", str(self.conf), "run"]
         self.spy: subprocess.Popen[bytes] | None = None
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(30):
-            self.close()
-            raise RuntimeError("pymaddy: no 'server started' within 30 s:\n" + "\n".join(self.lines[-20:]))
+        self.cli("imap-acct", "create", RCPT, timeout=60)
+        self.start()
         if profile is not None:
             py_spy = shutil.which("py-spy") or "/tmp/anchor-venv/bin/py-spy"
             self.spy = subprocess.Popen(
-                [py_spy, "record", "--pid", str(self.proc.pid), "--rate", "250", "--format", "raw",
+                [py_spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw",
                  "--output", str(profile), "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "server started" in line:
-                self._started.set()
 
     def stored(self) -> int:
         db = self.tmp / "state" / "imapsql.db"
@@ -161,13 +139,7 @@ class PymaddyServer:
             except subprocess.TimeoutExpired:
                 self.spy.kill()
                 self.spy.wait()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().close()
 
 
 def smtp_source(cell: Cell, port: int, timeout: float) -> tuple[float, str]:
@@ -187,10 +159,10 @@ def run_pymaddy(cell: Cell, timeout: float, profile: Path | None = None) -> Run:
     try:
         srv = PymaddyServer(tmp, free_port(), profile)
         try:
-            cpu0 = cpu_seconds(srv.proc.pid)
+            cpu0 = cpu_seconds(srv.pid)
             dt, err = smtp_source(cell, srv.port, timeout)
-            cpu = cpu_seconds(srv.proc.pid) - cpu0
-            rss = vm_kib(srv.proc.pid, "VmHWM") / 1024
+            cpu = cpu_seconds(srv.pid) - cpu0
+            rss = vm_kib(srv.pid, "VmHWM") / 1024
             # smtp-source only ends after the last 250, which pymaddy sends after the commit
             stored = srv.stored()
         finally:
