@@ -294,8 +294,9 @@ def prefilter(key: Any) -> tuple[str, list[Any]]:
             continue
         pat = "%" + k.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         # (LIKE and GLOB only look at TEXT: the header BLOB is read as UTF-8 text for them.)
-        conds.append("(m.header IS NULL OR CAST(m.header AS TEXT) LIKE ? ESCAPE '\\' "
-                     "OR instr(m.header, '=?') > 0 OR CAST(m.header AS TEXT) GLOB ?)")
+        # Cheapest test first: SQLite stops at the first true term of an OR.
+        conds.append("(m.header IS NULL OR instr(m.header, '=?') > 0 "
+                     "OR CAST(m.header AS TEXT) LIKE ? ESCAPE '\\' OR CAST(m.header AS TEXT) GLOB ?)")
         args += [pat, _NON_ASCII_GLOB]
     return " AND ".join(conds), args
 
