@@ -64,12 +64,21 @@ target.remote sourced {{
     local_ip {net}7
 }}
 
+target.remote limited {{
+    limits {{
+        destination rate 1 60s
+    }}
+}}
+
 smtp tcp://127.0.0.1:{a_smtp} {{
     destination tls.test dane.test danebad.test v4only.test untrusted.test {{
         deliver_to &strict
     }}
     destination sourced.test {{
         deliver_to &sourced
+    }}
+    destination limited.test {{
+        deliver_to &limited
     }}
     destination quarantine.test {{
         check {{
@@ -260,6 +269,7 @@ def _zone(dns: DNSServer, ca: CA, dane_leaf_tlsa: bytes) -> None:
         ("untrusted.test", "MX", "10 mx.untrusted.test."),
         ("mx.untrusted.test", "A", n + "4"),
         ("sourced.test", "MX", "10 mx.plain.test."),
+        ("limited.test", "MX", "10 mx.plain.test."),
         ("quarantine.test", "MX", "10 mx.plain.test."),
         ("implicit.test", "A", n + "2"),
         ("fallback.test", "MX", "10 mx-dead.fallback.test."),
@@ -532,6 +542,22 @@ def test_one_domain_failing_at_data_is_a_partial_failure(world: World) -> None:
     assert b"Partial delivery failure, additional attempts may result in duplicates" in text
     [got] = arrived(world, "partial")
     assert got.account == "tls@receiver.test"
+
+
+def test_limits_apply_per_destination_domain(world: World) -> None:
+    """`limits { destination rate 1 60s }`: the second message to the same domain within the
+    minute waits its 5 s and is refused as a temporary overload; other domains are unaffected."""
+    assert send(world, ["u@limited.test"], "limited-1") == {}
+    arrived(world, "limited-1")
+    with smtplib.SMTP("127.0.0.1", world.a_smtp, timeout=60) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        code, text = s.rcpt("u@limited.test")
+        if code == 250:  # the limit may bite at RCPT (connection) or at DATA
+            code, text = s.data(_msg("limited-2", "u@limited.test"))
+    assert (code, text.split(b" (msg ID")[0]) == (451, b"4.4.5 High load, try again later")
+    assert send(world, ["u@implicit.test"], "not-limited") == {}
+    arrived(world, "not-limited")
 
 
 def test_second_message_reuses_the_idle_connection(world: World) -> None:
