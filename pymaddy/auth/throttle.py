@@ -20,7 +20,6 @@ does not hand a guesser a fresh budget.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -182,5 +181,7 @@ async def guarded(
     elif not isinstance(err, AuthTemporaryError):
         delay = throttle.failed(ip, username)
         if delay > 0:
+            import asyncio  # here, not at the top: check-config imports this module for Policy
+
             await asyncio.sleep(delay)
     return err
