@@ -178,10 +178,14 @@ class Connection:
             self.is_idle = False
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port`, IPv6 in brackets, as maddy logs addresses (and fail2ban expects)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _fmt_addr(a: Any) -> str:
     if isinstance(a, tuple) and len(a) >= 2:
-        host, port = a[0], a[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return host_port(str(a[0]), a[1])
     return str(a or "unix")
 
 

@@ -32,7 +32,7 @@ from pymaddy.imap import parser as P
 from pymaddy.imap import wire
 from pymaddy.imap.utf7 import encode_mutf7
 from pymaddy.mail.errors import AuthTemporaryError
-from pymaddy.runtime.module import Connection, SessionClosing
+from pymaddy.runtime.module import Connection, SessionClosing, host_port
 from pymaddy.storage.imapsql import DELIMITER, INBOX, MailboxExists, MailboxNotFound, StorageError, Update
 from pymaddy.storage.mailstore import (
     AccountStore,
@@ -130,8 +130,7 @@ class Session:
     @property
     def src(self) -> str:
         """`ip:port` as maddy logs it (fail2ban's maddy-auth filter expects the port)."""
-        ip = f"[{self.remote_ip}]" if ":" in self.remote_ip else self.remote_ip
-        return f"{ip}:{self.remote_port}"
+        return host_port(self.remote_ip, self.remote_port)
 
     # -- output ------------------------------------------------------------------------------------
 

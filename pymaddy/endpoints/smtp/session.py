@@ -29,7 +29,7 @@ from pymaddy.mail import address
 from pymaddy.mail.errors import AuthTemporaryError, SMTPError, internal_error
 from pymaddy.mail.message import ConnInfo, Header, MsgMeta, new_msg_id
 from pymaddy.pipeline.interfaces import Delivery, PartialDelivery
-from pymaddy.runtime.module import Connection
+from pymaddy.runtime.module import Connection, host_port
 
 if TYPE_CHECKING:
     from pymaddy.endpoints.smtp.endpoint import SMTPEndpoint
@@ -88,8 +88,7 @@ class Session:
 
     @property
     def src(self) -> str:
-        ip = f"[{self.remote_ip}]" if ":" in self.remote_ip else self.remote_ip
-        return f"{ip}:{self.remote_port}"
+        return host_port(self.remote_ip, self.remote_port)
 
     async def reply(self, code: int, enh: tuple[int, int, int] | None, *lines: str) -> None:
         out = []
