@@ -24,6 +24,25 @@ def _log_targets(node: Node, ctx: Ctx) -> list[str]:
     return list(node.args)
 
 
+MAX_WORKERS = 64
+
+
+def _workers(node: Node, ctx: Ctx) -> int:
+    """`workers N` or `workers auto` (one process per CPU); 1 = a single process, as maddy."""
+    if len(node.args) != 1:
+        raise ConfigError.at(node, "expected exactly one argument: a number of processes or 'auto'")
+    arg = node.args[0]
+    if arg == "auto":
+        return 0
+    try:
+        n = int(arg)
+    except ValueError:
+        raise ConfigError.at(node, f"workers: {arg!r} is not a number or 'auto'") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise ConfigError.at(node, f"workers: {n} is out of range 1-{MAX_WORKERS}")
+    return n
+
+
 GLOBAL_DIRECTIVES: tuple[Directive, ...] = (
     Directive("state_dir", String(), DEFAULT_STATE_DIR, doc="state directory; the process chdir()s into it"),
     Directive("runtime_dir", String(), DEFAULT_RUNTIME_DIR, doc="sockets and other run-time files"),
@@ -36,6 +55,8 @@ GLOBAL_DIRECTIVES: tuple[Directive, ...] = (
     Directive("auth_map", ModuleRef("table", "table"), None),
     Directive("auth_map_normalize", Enum(NORMALIZERS), "auto"),
     Directive("auth_throttle", Custom(auth_throttle, allow_block=True), Policy(), doc="login failure limits"),
+    Directive("workers", Custom(_workers), 1,
+              doc="server processes sharing the IMAP listeners (beyond maddy); 'auto' = one per CPU"),
     # Legacy directives maddy still accepts and ignores.
     Directive("storage_perdomain", Bool(), False),
     Directive("auth_perdomain", Bool(), False),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from pymaddy.config.ir import Node
 from pymaddy.config.schema import ModuleSchema, Settings
@@ -51,3 +51,30 @@ class Graph:
 
     def walk(self) -> list[ModuleInstance]:
         return list(self.instances)
+
+
+def reachable(roots: list[ModuleInstance], extra: object = None) -> set[int]:
+    """ids of `roots` and of every instance their settings (and `extra`, e.g. the globals)
+    reference, directly or through nested values: what a process serving only `roots` must build."""
+    seen: set[int] = set()
+    stack: list[object] = [*roots, extra]
+    visited: set[int] = set()  # containers already walked (settings may share values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, ModuleInstance):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            stack.append(v.settings)
+        elif isinstance(v, dict):
+            if id(v) not in visited:
+                visited.add(id(v))
+                stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            if id(v) not in visited:
+                visited.add(id(v))
+                stack.extend(v)
+        elif is_dataclass(v) and not isinstance(v, type) and id(v) not in visited:
+            visited.add(id(v))
+            stack.extend(getattr(v, f.name) for f in fields(v))
+    return seen

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pymaddy.runtime import unixsock
 from pymaddy.runtime.unixsock import MAX_LINE, UnixSocketServer
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -42,7 +43,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(path)
+            unixsock.connect(s, path)
             s.sendall(json.dumps(req).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n") and len(buf) < MAX_LINE:

@@ -152,6 +152,10 @@ class ListenerRegistry:
         master.holders.add(holder)
         return Listener(addr, master.sock.dup())
 
+    def fileno(self, key: Key) -> int:
+        """The master's descriptor, to pass to a worker process (runtime/workers.py)."""
+        return self._masters[key].sock.fileno()
+
     def release(self, holder: int) -> list[str]:
         """Drop `holder`'s claims; close masters nobody holds. Returns the closed keys, for the log."""
         closed: list[str] = []

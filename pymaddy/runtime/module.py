@@ -76,6 +76,10 @@ class RuntimeContext:
     state_dir: str
     runtime_dir: str
     objects: dict[int, Module] = field(default_factory=dict)
+    # Several processes serve this configuration (the `workers` directive, runtime/workers.py);
+    # `worker` is True in the extra ones, which run no singleton (queue engine, maintenance).
+    processes: int = 1
+    worker: bool = False
 
     @property
     def globals(self) -> Settings:

@@ -61,6 +61,7 @@ from pymaddy.runtime.module import EndpointModule, Module, ModuleError, RuntimeC
 from pymaddy.runtime.options import RunOptions
 from pymaddy.runtime.privileges import PrivilegeError, Target
 from pymaddy.runtime.watch import ConfigWatcher
+from pymaddy.runtime.workers import WorkerPool, shares
 
 __all__ = ["RunOptions", "StartFailure", "Supervisor", "run"]
 
@@ -166,18 +167,24 @@ class Generation:
         self.modules: list[Module] = []  # non-endpoints, in start order (dependencies first)
         self.endpoints: list[EndpointModule] = []
         self.listeners: dict[int, list[Listener]] = {}
+        self.keys: dict[int, list[tuple[str, ...]]] = {}  # endpoint id -> registry keys, in address order
         self.started: list[Module] = []
         self.stopped = False
 
     # -- bring up --------------------------------------------------------------------
 
-    def build(self) -> None:
-        """Construct every module object; all failures are reported together."""
+    def build(self, only: set[int] | None = None) -> None:
+        """Construct every module object (or those whose id is in `only`, a worker's share);
+        all failures are reported together."""
         errors: list[str] = []
         endpoint_ids = {id(e) for e in self.graph.endpoints}
         others = [i for i in unique_instances(self.graph) if id(i) not in endpoint_ids]
+        endpoints = self.graph.endpoints
+        if only is not None:
+            others = [i for i in others if id(i) in only]
+            endpoints = [e for e in endpoints if id(e) in only]
         # The compiler lists a module before the modules it references; start those first.
-        for inst in [*reversed(others), *self.graph.endpoints]:
+        for inst in [*reversed(others), *endpoints]:
             spec = inst.schema.runtime
             if spec is None:
                 errors.append(_not_implemented(inst))
@@ -233,6 +240,7 @@ class Generation:
                     errors.append(f"{_where(ep.inst)}: {ep.inst.schema.name}: {e}")
                     continue
                 used[key] = ep
+                self.keys.setdefault(id(ep), []).append(key)
         if errors:
             self.close_listeners()
             registry.release(self.number)
@@ -341,6 +349,8 @@ class Supervisor:
         self.background: set[asyncio.Task[Any]] = set()
         self.target: Target | None = None  # the user to become when started as root
         self.new_logs: list[str] = []  # log files created at start-up (as root)
+        self.pool = WorkerPool(opts, self.config_path, self.launch_cwd, self.log)
+        self.workers_blocked: str | None = None  # why extra processes cannot run (found at start-up)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -376,7 +386,21 @@ class Supervisor:
             metrics=metrics.REGISTRY,
             state_dir=str(graph.globals["state_dir"]),
             runtime_dir=str(graph.globals["runtime_dir"]),
+            processes=self.pool.processes_for(graph, self.workers_blocked),
         )
+
+    async def _start_workers(self, gen: Generation) -> None:
+        """Hand the generation's IMAP listeners to its worker processes (replacing older ones)."""
+        n = gen.ctx.processes
+        fds: dict[str, list[int]] = {}
+        if n > 1:
+            indexes, _ = shares(gen.graph)
+            by_inst = {id(ep.inst): ep for ep in gen.endpoints}
+            for i in indexes:
+                ep = by_inst[id(gen.graph.endpoints[i])]
+                fds[str(i)] = [self.registry.fileno(k) for k in gen.keys.get(id(ep), [])]
+            self.pool.set_runtime_dir(gen.ctx.runtime_dir)
+        await self.pool.replace(gen.number, n - 1, fds)
 
     def _check(self, res: CompileResult) -> Graph:
         if not res.ok or res.graph is None:
@@ -424,6 +448,8 @@ class Supervisor:
             gen.build()
             gen.acquire(self.registry)
             self._drop_privileges(graph, gen)
+            if self.workers_blocked and gen.ctx.processes > 1:
+                gen.ctx.processes = self.pool.processes_for(graph, self.workers_blocked)
             await gen.start()
             await gen.serve()
         except BaseException:
@@ -431,6 +457,7 @@ class Supervisor:
             self.registry.release(gen.number)
             raise
         self.current = gen
+        await self._start_workers(gen)
         await self._watch(graph)
         metrics.UP.set(1)
         metrics.LAST_RELOAD_OK.set(1)
@@ -479,6 +506,7 @@ class Supervisor:
         self.log.msg("dropped privileges", gid=target.gid, uid=target.uid, user=target.name)
         blocked = privileges.unreadable_import_paths(import_paths)
         if blocked:
+            self.workers_blocked = f"Python's installation is not readable by user {target.name}"
             self.log.msg(
                 f"Python's installation is not readable by user {target.name}: the modules pymaddy needs were "
                 "loaded before dropping privileges; install pymaddy where that user can read it",
@@ -530,6 +558,7 @@ class Supervisor:
                 self.log.output.reopen()
             except LogTargetError as e:
                 self.log.printf(f"Can't reinitialize logger: {e}")
+            self.pool.signal_all(signal.SIGUSR1)
             self.notify(sdnotify.READY, "Listening for incoming connections...")
             return
         if sig == signal.SIGUSR2:
@@ -603,6 +632,7 @@ class Supervisor:
             return
 
         self.current = gen
+        await self._start_workers(gen)
         for key in self.registry.release(old.number):
             self.log.debug("closed listener", address=key)
         if new_out is not None:
@@ -702,6 +732,7 @@ class Supervisor:
         await asyncio.gather(
             *(g.drain(STOP_GRACE, close_idle=True) for g in gens),
             *([self.watcher.stop()] if self.watcher is not None else []),
+            self.pool.stop(STOP_GRACE + 1.5),
         )
         if self.retiring:
             await asyncio.wait(list(self.retiring), timeout=0.5)

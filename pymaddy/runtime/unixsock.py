@@ -4,6 +4,10 @@
 The socket is created 0600 (only the server user and root can talk to it). A newer
 generation or process may have replaced the path by the time this one stops, so
 stop() removes the file only if it is still the one this server created (same inode).
+
+A socket address holds at most 107 bytes of path, and state under a deep directory
+(or a long runtime_dir) exceeds it: `bind`/`connect` then go through the directory's
+descriptor (/proc/self/fd/N/name), which the kernel resolves like the full path.
 """
 
 from __future__ import annotations
@@ -11,8 +15,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+from collections.abc import Callable
 
 MAX_LINE = 4096
+MAX_SUN_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
+def _via_dir(path: str, op: Callable[[str], None]) -> None:
+    if len(os.fsencode(path)) <= MAX_SUN_PATH:
+        op(path)
+        return
+    d, name = os.path.split(path)
+    fd = os.open(d or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        op(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
+def bind(sock: socket.socket, path: str) -> None:
+    _via_dir(path, sock.bind)
+
+
+def connect(sock: socket.socket, path: str) -> None:
+    _via_dir(path, sock.connect)
 
 
 class UnixSocketServer:
@@ -27,7 +54,14 @@ class UnixSocketServer:
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket, or the one of the generation this one replaces
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bind(sock, self.path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
             self._ino = os.stat(self.path).st_ino

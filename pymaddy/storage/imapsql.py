@@ -352,6 +352,7 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         self._norm_cache: dict[str, str] = {}  # recipient -> delivery_normalize(recipient) (a pure function)
         self._acct_cache_unsub: Callable[[], None] | None = None
         self._listener: updatepipe.Listener | None = None
+        self._fanout: updatepipe.Fanout | None = None
         self.imap_filter: IMAPFilter | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
@@ -393,6 +394,8 @@ class IMAPSQL(Module, DeliveryTarget, Table):
                       int(self.settings.get("sqlite3_cache_size") or 0))
         if self.group_window is not None:
             db.group_window = self.group_window
+        if self.ctx.processes > 1:
+            db.process_lock_path = self.db_path() + ".writelock"
         try:
             old, new = await asyncio.to_thread(db.open)
         except (sqlite3.Error, SchemaError, OSError) as e:
@@ -401,15 +404,19 @@ class IMAPSQL(Module, DeliveryTarget, Table):
             self.log.debug("database schema migrated", path=db.path, **{"from": old, "to": new})
         self.db = db
         if not self.ctx.options.management and self.ctx.runtime_dir:
-            listener = updatepipe.Listener(self.update_socket_path(), self._on_remote_update)
+            main = self.update_socket_path()
+            own = updatepipe.worker_path(main, os.getpid()) if self.ctx.worker else main
+            listener = updatepipe.Listener(own, self._on_remote_update)
             try:
                 await listener.start()
                 self._listener = listener
             except OSError as e:
-                self.log.error("cannot listen for updates from other processes", err=e,
-                               path=self.update_socket_path())
-        self._spawn(self.collect_garbage())
-        self._spawn(self._maintenance())
+                self.log.error("cannot listen for updates from other processes", err=e, path=own)
+            if self.ctx.processes > 1:
+                self._fanout = updatepipe.Fanout(main, own)
+        if not self.ctx.worker:  # the supervisor's chores, once per database
+            self._spawn(self.collect_garbage())
+            self._spawn(self._maintenance())
 
     def _table(self, inst: ModuleInstance) -> Table:
         obj = self.ctx.module(inst)
@@ -423,6 +430,9 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        if self._fanout is not None:
+            self._fanout.close()
+            self._fanout = None
         db, self.db = self.db, None
         if db is not None:
             await asyncio.to_thread(db.close, 0.9)
@@ -459,11 +469,13 @@ class IMAPSQL(Module, DeliveryTarget, Table):
         return lambda: self._sinks.remove(sink) if sink in self._sinks else None
 
     def publish(self, updates: Iterable[Update]) -> None:
-        """Hand committed updates to local subscribers and, from a management command, to the
-        server process through the update pipe (pymaddy/storage/updatepipe.py)."""
+        """Hand committed updates to local subscribers and, through the update pipe
+        (pymaddy/storage/updatepipe.py), to the server's other processes."""
         updates = list(updates)
         if self.ctx.options.management and updates:
             updatepipe.push(self.update_socket_path(), updates)
+        elif self._fanout is not None and updates:
+            self._fanout.send(updates)
         self._deliver_local(updates)
 
     def _deliver_local(self, updates: Iterable[Update]) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -108,6 +110,11 @@ class SQLiteDB:
         self._rlock = threading.Lock()
         self._sync_full = True  # the writer connection's current `synchronous` (FULL from connect())
         self._inline: sqlite3.Connection | None = None
+        # Several server processes write this database (the `workers` directive): they take turns
+        # through a blocking lock on a file next to it, which hands over at once, instead of
+        # SQLite's busy handler, which sleeps 1, 2, 5, 10… ms between tries.
+        self.process_lock_path: str | None = None
+        self._lock_fd = -1
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -127,6 +134,8 @@ class SQLiteDB:
             conn.close()
             raise
         self._wconn = conn
+        if self.process_lock_path is not None:
+            self._lock_fd = os.open(self.process_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="imapsql-read")
         self._thread = threading.Thread(target=self._writer, name="imapsql-writer", daemon=True)
         self._thread.start()
@@ -153,6 +162,9 @@ class SQLiteDB:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.close()
             self._wconn = None
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -250,6 +262,29 @@ class SQLiteDB:
             finally:
                 _wake(batch)
 
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, batch: list[_Job],
+                     results: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        """One transaction, a savepoint per job: a failing job rolls back alone."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    res = job.fn(conn)
+                except BaseException as e:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((job, None, e))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((job, res, None))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
     def _run_batch(self, batch: list[_Job]) -> None:
         conn = self._wconn
         assert conn is not None
@@ -285,24 +320,13 @@ class SQLiteDB:
             if full != self._sync_full:
                 conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
                 self._sync_full = full
-            conn.execute("BEGIN IMMEDIATE")
+            if self._lock_fd >= 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                for job in batch:
-                    conn.execute("SAVEPOINT job")
-                    try:
-                        res = job.fn(conn)
-                    except BaseException as e:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                        results.append((job, None, e))
-                    else:
-                        conn.execute("RELEASE job")
-                        results.append((job, res, None))
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+                self._transaction(conn, batch, results)
+            finally:
+                if self._lock_fd >= 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except BaseException as e:
             self.stats.failed_jobs += len(batch)
             for job in batch:

@@ -1,20 +1,26 @@
 """Change notices between processes sharing one imapsql database.
 
 The server listens on a unix socket (RUNTIME/sql-<sha1 of DSN>.sock, where
-maddy keeps its own); management commands run in other processes connect and
-write one JSON object per line for every change they commit, so IMAP sessions
-in IDLE hear of it at once. The notices only wake sessions up: the database
+maddy keeps its own), and each worker process (runtime/workers.py) on
+RUNTIME/sql-<sha1>.<pid>.sock. Management commands connect to every one of
+them and write one JSON object per line for every change they commit; server
+processes keep connections open to each other (`Fanout`). IMAP sessions in
+IDLE hear of a change at once. The notices only wake sessions up: the database
 stays the truth, and a lost notice costs at most one poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import json
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pymaddy.runtime import unixsock
 from pymaddy.runtime.unixsock import UnixSocketServer
 
 
@@ -33,19 +39,99 @@ def decode(line: bytes) -> dict[str, Any] | None:
     return obj
 
 
+def worker_path(path: str, pid: int) -> str:
+    """A worker process's socket next to the server's `path`."""
+    return f"{path.removesuffix('.sock')}.{pid}.sock"
+
+
+def peer_paths(path: str) -> list[str]:
+    """The sockets of every process serving the database whose server socket is `path`."""
+    stem = glob.escape(path.removesuffix(".sock"))
+    return [path, *sorted(glob.glob(stem + ".*.sock"))]
+
+
 def push(path: str, updates: Iterable[Any], timeout: float = 1.0) -> bool:
-    """Send notices to the server listening at `path`; False when nobody listens (not an error)."""
+    """Send notices to every server process of `path`; False when nobody listens (not an error)."""
     data = b"".join(encode(u) for u in updates)
     if not data:
         return True
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(data)
-    except OSError:
-        return False
-    return True
+    sent = False
+    for p in peer_paths(path):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                unixsock.connect(s, p)
+                s.sendall(data)
+        except OSError:
+            continue
+        sent = True
+    return sent
+
+
+class Fanout:
+    """A server process's notices to the other processes of the same database.
+
+    Connections stay open; sending never blocks the event loop. A peer too busy to
+    read (its socket buffer full) misses the notice and its sessions poll instead.
+    """
+
+    RESCAN = 1.0  # seconds between looks for processes that started or went away
+
+    def __init__(self, path: str, own: str) -> None:
+        self.path = path
+        self.own = own
+        self.peers: list[str] = []
+        self.conns: dict[str, socket.socket] = {}
+        self._scanned = -self.RESCAN
+
+    def send(self, updates: Iterable[Any]) -> None:
+        data = b"".join(encode(u) for u in updates)
+        if not data:
+            return
+        now = time.monotonic()
+        if now - self._scanned >= self.RESCAN:
+            self._scanned = now
+            self.peers = [p for p in peer_paths(self.path) if p != self.own]
+            for gone in set(self.conns) - set(self.peers):
+                self._drop(gone)
+        for p in self.peers:
+            self._send(p, data, retry=True)
+
+    def _send(self, path: str, data: bytes, retry: bool) -> None:
+        s = self.conns.get(path)
+        if s is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                unixsock.connect(s, path)
+            except OSError:
+                s.close()
+                return
+            self.conns[path] = s
+        try:
+            n = s.send(data)
+        except BlockingIOError:
+            return  # nothing written: the stream is intact, this notice is lost for that peer
+        except OSError:
+            self._drop(path)  # the peer restarted or closed an idle connection: reconnect once
+            if retry:
+                self._send(path, data, retry=False)
+            return
+        if n < len(data):
+            self._drop(path)  # half a line written: start over on a fresh connection next time
+
+    def _drop(self, path: str) -> None:
+        s = self.conns.pop(path, None)
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        for p in list(self.conns):
+            self._drop(p)
+
+
+IDLE_TIMEOUT = 3600.0  # a peer's kept-open connection; it reconnects when closed
 
 
 class Listener(UnixSocketServer):
@@ -59,7 +145,7 @@ class Listener(UnixSocketServer):
         try:
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), 30)
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
                 except (ValueError, asyncio.LimitOverrunError, TimeoutError):
                     return
                 if not line:
