@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pymaddy.auth.normalize import NormalizeError
 from pymaddy.auth.normalize import get as get_normalizer
+from pymaddy.imap import searchindex
 from pymaddy.mail.errors import SMTPError, internal_error
 from pymaddy.mail.message import Body, Header, MsgMeta, random_hex
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget, PartialDelivery, StatusCallback
@@ -72,6 +73,8 @@ INLINE_MAX = INLINE_MAX_DEFAULT
 # (until then RCPT is accepted and DATA answered 501 5.1.1). Unknown names are not cached.
 ACCOUNT_CACHE_TTL = 1.0
 ACCOUNT_CACHE_MAX = 4096
+INDEX_COLS = ", ".join(searchindex.COLUMNS)  # SEARCH's header columns, written with every message row
+INDEX_MARKS = ", ".join("?" * len(searchindex.COLUMNS))
 ORPHAN_MIN_AGE = 3600.0  # blob files without a row are swept only when older than this
 MAINTENANCE_INTERVAL = 5 * 3600.0  # maddy/go-imap-sql run `PRAGMA optimize` every 5 hours
 
@@ -869,6 +872,8 @@ class IMAPSQLDelivery(PartialDelivery):
 
         inline = blob.data is not None
         blob_path = "" if inline else blobs.path(blob.key)
+        # Every copy's header differs only by its Delivered-To prefix, which the index leaves out.
+        search = searchindex.index_row(blob.header)
 
         def job(c: sqlite3.Connection) -> list[Update]:
             # Never index a blob that is not there (e.g. swept by a concurrent garbage collection).
@@ -920,9 +925,9 @@ class IMAPSQLDelivery(PartialDelivery):
                 prefix = b"Delivered-To: " + name.encode("utf-8") + b"\r\n"
                 c.execute(
                     "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent, "
-                    "flags, header) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"flags, header, {INDEX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {INDEX_MARKS})",
                     (mbox_id, uid, modseq, ts, blob.size + len(prefix), blob.key, prefix, recent, flags,
-                     prefix + blob.header),
+                     prefix + blob.header, *search),
                 )
                 updates.append(Update("message", name, mbox, uid))
             if not updates:

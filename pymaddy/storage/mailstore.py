@@ -17,12 +17,14 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pymaddy.imap import searchindex
 from pymaddy.storage.blob_fs import BlobWriter, FSBlobStore, new_key
 from pymaddy.storage.compress import decompress
 from pymaddy.storage.imapsql import (
@@ -30,6 +32,8 @@ from pymaddy.storage.imapsql import (
     DELIMITER,
     IMAPSQL,
     INBOX,
+    INDEX_COLS,
+    INDEX_MARKS,
     INLINE_MAX,
     Account,
     MailboxExists,
@@ -46,8 +50,12 @@ from pymaddy.storage.imapsql import (
 )
 from pymaddy.storage.sqlschema import now
 
+INDEX_BATCH = 500  # rows per step when indexing old messages for SEARCH
+_SET_INDEX = (f"UPDATE messages SET {', '.join(f'{col} = ?' for col in searchindex.COLUMNS)}, "
+              "header = coalesce(header, ?) WHERE id = ?")
 MAX_NAME = 1024  # bytes of a mailbox name (UTF-8)
 INLINE_ROWS = 512  # reads of up to this many rows without message text run on the event loop thread
+INLINE_CONTENT_ROWS = 8  # reads of this many messages with their text, when it is in the index, too
 
 
 class BadMailboxName(StorageError):
@@ -157,6 +165,10 @@ _LIGHT_COLS = "m.id, m.uid, m.modseq, m.internaldate, m.size, m.flags, m.prefix,
 def _msg(r: Sequence[Any]) -> Msg:
     return Msg(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split()) if r[5] else (), bytes(r[6]), r[7],
                None if r[8] is None else bytes(r[8]), r[9], r[10])
+
+
+class _NeedsFiles(Exception):
+    """A read on the loop thread met a message whose text is in a file: redo it in a thread."""
 
 
 def split_header(data: bytes) -> bytes:
@@ -440,6 +452,8 @@ class AccountStore:
                 (mailbox_id, self.account.id)).fetchone())
             if r is not None and int(r[0]) == modseq and int(r[1]) == uidnext:
                 return None
+            if count <= INLINE_ROWS:  # a small mailbox's changes: cheaper here than a thread hop
+                return self.db.read_inline(q)
         return await self.db.read(q)
 
     async def claim_recent(self, mailbox_id: int, uids: Sequence[int]) -> set[int]:
@@ -465,7 +479,7 @@ class AccountStore:
 
     def _rows(self, c: sqlite3.Connection, mailbox_id: int, uids: Sequence[int] | None, *,
               content: bool = False, header: bool = False, caches: bool = False,
-              having: tuple[str, Sequence[Any]] = ("", ())) -> list[Msg]:
+              having: tuple[str, Sequence[Any]] = ("", ()), files: bool = True) -> list[Msg]:
         where, args = ("1", []) if uids is None else _uid_where(uids)
         if having[0]:
             where, args = f"{where} AND {having[0]}", [*args, *having[1]]
@@ -482,6 +496,8 @@ class AccountStore:
                 continue
             m = _msg(r)
             if content:
+                if r[11] is None and not files:
+                    raise _NeedsFiles()
                 blob = bytes(r[11]) if r[11] is not None else self.blobs.get_sync(m.blob_key)
                 m.data = m.prefix + decompress(r[12], blob)
             elif header and m.header is None:
@@ -502,17 +518,55 @@ class AccountStore:
             with contextlib.suppress(sqlite3.OperationalError):
                 return self.db.read_inline(
                     lambda c: self._rows(c, mailbox_id, uids, header=header, caches=caches, having=having))
+        elif content and n <= INLINE_CONTENT_ROWS:
+            # A few messages whose text is in the index itself (small ones, storage/imapsql.py
+            # INLINE_MAX): no file to read, so no reason to leave the loop thread.
+            with contextlib.suppress(sqlite3.OperationalError, _NeedsFiles):
+                return self.db.read_inline(lambda c: self._rows(c, mailbox_id, uids, content=True, header=header,
+                                                                caches=caches, having=having, files=False))
         return await self.db.read(lambda c: self._rows(c, mailbox_id, uids, content=content, header=header,
                                                        caches=caches, having=having))
 
-    async def search_uids(self, mailbox_id: int, cond: tuple[str, Sequence[Any]]) -> list[int]:
-        """UIDs of the messages meeting an SQL condition on `m` (SEARCH on index data)."""
+    async def search_uids(self, mailbox_id: int, cond: tuple[str, Sequence[Any]],
+                          rows_hint: int = 1 << 30) -> list[int]:
+        """UIDs of the messages meeting an SQL condition on `m` (SEARCH on index data); in a
+        mailbox of at most INLINE_ROWS messages (`rows_hint`) on the loop thread."""
 
         def q(c: sqlite3.Connection) -> list[int]:
             return [u for (u,) in c.execute(f"SELECT m.uid FROM messages m WHERE m.mailbox_id = ? AND {cond[0]} "
                                             "ORDER BY m.uid", [mailbox_id, *cond[1]])]
 
+        if rows_hint <= INLINE_ROWS:
+            with contextlib.suppress(sqlite3.OperationalError):
+                return self.db.read_inline(q)
         return await self.db.read(q)
+
+    async def index_for_search(self, mailbox_id: int) -> None:
+        """Fill SEARCH's header columns (imap/searchindex.py) of rows stored before they existed."""
+
+        def missing(c: sqlite3.Connection) -> list[int]:
+            return [u for (u,) in c.execute(f"SELECT m.uid FROM messages m WHERE m.mailbox_id = ? AND "
+                                            f"{searchindex.UNINDEXED} LIMIT {INDEX_BATCH}", (mailbox_id,))]
+
+        while True:
+            try:
+                uids = self.db.read_inline(missing)  # the partial index answers "none" at once
+            except sqlite3.OperationalError:
+                uids = await self.db.read(missing)
+            if not uids:
+                return
+            rows = await self.db.read(functools.partial(self._rows, mailbox_id=mailbox_id, uids=uids, header=True))
+            vals = []
+            for m in rows:
+                h = m.header if m.header is not None else split_header(m.data or b"")
+                vals.append((*searchindex.index_row(h), h, m.id))
+
+            def job(c: sqlite3.Connection, vals: list[tuple[Any, ...]] = vals) -> None:
+                c.executemany(_SET_INDEX, vals)
+
+            await self.db.write(job, durable=False)  # recomputed if a crash loses it
+            if len(uids) < INDEX_BATCH:
+                return
 
     def fetch_sync(self, mailbox_id: int, uids: Sequence[int] | None, content: bool = False) -> list[Msg]:
         return self.db.read_sync(lambda c: self._rows(c, mailbox_id, uids, content=content))
@@ -607,8 +661,8 @@ class AccountStore:
             want = set(uids)
             rows = [r for r in c.execute(
                 f"SELECT m.id, m.uid, m.internaldate, m.size, m.blob_key, m.prefix, m.flags, m.header, "
-                f"m.envelope, m.bodystructure FROM messages m WHERE m.mailbox_id = ? AND {where} ORDER BY m.uid",
-                [mailbox_id, *args]).fetchall() if r[1] in want]
+                f"m.envelope, m.bodystructure, {INDEX_COLS} FROM messages m WHERE m.mailbox_id = ? AND {where} "
+                "ORDER BY m.uid", [mailbox_id, *args]).fetchall() if r[1] in want]
             if not rows:
                 return CopyResult(dst.uidvalidity, [], []), []
             if not move:
@@ -620,8 +674,9 @@ class AccountStore:
             c.execute("UPDATE mailboxes SET uidnext = ? WHERE id = ?", (first + len(rows), dst.id))
             c.executemany(
                 "INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent, "
-                "flags, header, envelope, bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(dst.id, first + i, modseq, r[2], r[3], r[4], r[5], recent, r[6], r[7], r[8], r[9])
+                f"flags, header, envelope, bodystructure, {INDEX_COLS}) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {INDEX_MARKS})",
+                [(dst.id, first + i, modseq, r[2], r[3], r[4], r[5], recent, r[6], r[7], r[8], r[9], *r[10:])
                  for i, r in enumerate(rows)])
             c.executemany("UPDATE blobs SET refs = refs + 1 WHERE key = ?", [(r[4],) for r in rows])
             src = [r[1] for r in rows]
@@ -658,6 +713,7 @@ class AccountStore:
         recent = 0 if self.store.disable_recent else 1
         path = "" if inline else blobs.path(key)
         header = split_header(data)
+        search = searchindex.index_row(header)
 
         def job(c: sqlite3.Connection) -> tuple[int, int]:
             mb = self._mbox(c, name)
@@ -672,8 +728,8 @@ class AccountStore:
             modseq = _bump(c, mb.id)
             c.execute("UPDATE mailboxes SET uidnext = ? WHERE id = ?", (uid + 1, mb.id))
             c.execute("INSERT INTO messages (mailbox_id, uid, modseq, internaldate, size, blob_key, prefix, recent, "
-                      "flags, header) VALUES (?, ?, ?, ?, ?, ?, x'', ?, ?, ?)",
-                      (mb.id, uid, modseq, ts, len(data), key, recent, joined, header))
+                      f"flags, header, {INDEX_COLS}) VALUES (?, ?, ?, ?, ?, ?, x'', ?, ?, ?, {INDEX_MARKS})",
+                      (mb.id, uid, modseq, ts, len(data), key, recent, joined, header, *search))
             return mb.uidvalidity, int(uid)
 
         try:

@@ -103,7 +103,18 @@ _V4 = [
     "ALTER TABLE accounts ADD COLUMN quota {bigint}",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
+# Version 5: decoded, case-folded From/To/Cc/Bcc/Subject per message (pymaddy/imap/searchindex.py),
+# so SEARCH on them is one SQL condition; NULL = not computed yet, found through the partial index.
+_V5 = [
+    "ALTER TABLE messages ADD COLUMN s_from TEXT",
+    "ALTER TABLE messages ADD COLUMN s_to TEXT",
+    "ALTER TABLE messages ADD COLUMN s_cc TEXT",
+    "ALTER TABLE messages ADD COLUMN s_bcc TEXT",
+    "ALTER TABLE messages ADD COLUMN s_subject TEXT",
+    "CREATE INDEX messages_unindexed ON messages (mailbox_id) WHERE s_subject IS NULL",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import sqlite3
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,33 @@ def test_delivered_mail_appears_with_delivery_headers(env: tuple[MailEnv, Server
         # After SELECT with one unseen message there is an UNSEEN line too (7 untagged).
         r = t.cmd("SELECT INBOX")
         assert len(r.untagged) == 7 and b"* OK [UNSEEN 1]" in r.untagged[3], r.text()
+
+
+def test_header_search_on_messages_stored_before_the_search_columns(env: tuple[MailEnv, Server]) -> None:
+    """Rows from before schema v5 have no search columns: the first header SEARCH fills them in."""
+    e, _ = env
+    user = new_user(e)
+    with session(e, user) as t:
+        t.cmd("SELECT INBOX")
+        t.cmd("APPEND INBOX", message("Quarterly report", frm="alice@example.net"))
+        t.cmd("APPEND INBOX", message("=?utf-8?q?Stra=C3=9Fe?= works", frm="bob@example.net",
+                                      extra="Cc: =?utf-8?q?J=C3=BCrgen?= <j@example.net>\r\n"))
+        t.cmd("APPEND INBOX", message("Lunch", frm="carol@example.net", to="ALICE@example.org"))
+        conn = sqlite3.connect(e.state / "imapsql.db")
+        with conn:
+            conn.execute("UPDATE messages SET s_from = NULL, s_to = NULL, s_cc = NULL, s_bcc = NULL, "
+                         "s_subject = NULL WHERE mailbox_id IN (SELECT m.id FROM mailboxes m JOIN accounts a "
+                         "ON a.id = m.account_id WHERE a.name = ?)", (user,))
+        conn.close()
+        assert t.cmd('SEARCH FROM "BOB@"').untagged == [b"* SEARCH 2"]
+        assert t.cmd('SEARCH OR TO alice SUBJECT STRASSE').untagged == [b"* SEARCH 2 3"]
+        assert t.cmd('SEARCH CHARSET UTF-8 CC "jürgen"'.encode()).untagged == [b"* SEARCH 2"]
+        assert t.cmd('SEARCH NOT BCC ""').untagged == [b"* SEARCH 1 2 3"]
+        assert t.cmd('UID SEARCH HEADER Subject "report" SEEN').untagged == [b"* SEARCH"]
+    conn = sqlite3.connect(e.state / "imapsql.db")
+    left = conn.execute("SELECT count(*) FROM messages WHERE s_subject IS NULL").fetchone()[0]
+    conn.close()
+    assert left == 0
 
 
 def test_append_fetch_store_search_expunge(env: tuple[MailEnv, Server]) -> None:

@@ -416,4 +416,10 @@ def test_schema_v1_database_is_migrated_and_its_blobs_still_read(tmp_path: Path)
 
     run(tmp_path, t)
     assert _db_check(tmp_path / "imapsql.db") == ("ok", 0, SCHEMA_VERSION)
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
+    # v5: SEARCH's header columns are written with new rows; old rows get them at their first search.
+    conn = sqlite3.connect(tmp_path / "imapsql.db")
+    rows = conn.execute("SELECT uid, s_from, s_subject FROM messages ORDER BY uid").fetchall()
+    conn.close()
+    assert rows[0] == (1, None, None)
+    assert rows[1][1] is not None and rows[1][2] is not None

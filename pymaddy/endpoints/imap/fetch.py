@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from pymaddy.imap import parser as P
 from pymaddy.imap import search as S
+from pymaddy.imap import searchindex, wire
 from pymaddy.imap import thread as T
-from pymaddy.imap import wire
-from pymaddy.imap.message import ParsedMessage, decode_header, envelope_from_header, header_fields, sort_info
+from pymaddy.imap.message import ParsedMessage, envelope_from_header, header_fields, sort_info
 from pymaddy.imap.types import FetchItem, FetchRequest, Section
 from pymaddy.storage.mailstore import Msg, split_header
 
@@ -213,19 +213,6 @@ def _section(sec: Section, header: Any, message: Any) -> bytes | None:
 # -- SEARCH -------------------------------------------------------------------------------------------
 
 
-_FIELD_RES: dict[str, re.Pattern[bytes]] = {}
-
-
-def _field_re(name: str) -> re.Pattern[bytes]:
-    """Every occurrence of a header field with its folded continuation lines (RFC 5322 §2.2.3)."""
-    rx = _FIELD_RES.get(name)
-    if rx is None:
-        rx = re.compile(rb"(?im)^" + re.escape(name.encode("ascii", "replace")) + rb"[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)")
-        if len(_FIELD_RES) < 256:
-            _FIELD_RES[name] = rx
-    return rx
-
-
 class _Target:
     """A message as the SEARCH evaluator sees it; header and body are parsed on first use."""
 
@@ -258,7 +245,7 @@ class _Target:
         # A regex scan of the raw header instead of a MIME parse: SEARCH reads one or two fields of
         # every message, and this is what keeps a header search of a large mailbox fast.
         h = self._m.header if self._m.header is not None else split_header(self._m.data or b"")
-        return [decode_header(v.strip()) for v in _field_re(name).findall(h)]
+        return searchindex.field_values(h, name)
 
     def sent_date(self) -> datetime.date | None:
         info = sort_info(self._m.header if self._m.header is not None else split_header(self._m.data or b""))
@@ -308,6 +295,8 @@ def to_sql(key: Any, largest_uid: int) -> tuple[str, list[Any]] | None:
     match key:
         case P.AllKey():
             return "1", []
+        case P.HeaderKey(field=field, value=value):
+            return searchindex.condition(field, value)  # the caller makes sure the rows are indexed
         case P.FlagKey(flag=flag, negate=negate):
             if flag.lower() == "\\recent":
                 return None
@@ -383,7 +372,9 @@ async def search(sess: Session, v: View, key: Any, by_uid: bool) -> list[int]:
     sql = to_sql(key, v.uids[-1] if v.uids else 0)
     if sql is not None:
         # Index data only: the database answers, no message is looked at in Python.
-        uids = await sess._acct().search_uids(v.mailbox_id, sql)
+        if S.needs(key):
+            await sess._acct().index_for_search(v.mailbox_id)
+        uids = await sess._acct().search_uids(v.mailbox_id, sql, rows_hint=len(v.uids))
         out = []
         for uid in uids:
             seq = v.seq_of(uid)
