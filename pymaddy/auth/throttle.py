@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymaddy.mail.errors import AuthTemporaryError
 
@@ -92,6 +93,21 @@ class _Table:
     def clear(self, key: str) -> None:
         self.entries.pop(key, None)
 
+    def export(self) -> list[list[Any]]:
+        return [[k, e.failures, e.locked_until] for k, e in self.entries.items()]
+
+    def merge(self, rows: list[Any]) -> None:
+        """Entries from another process (time.monotonic() is one clock for the whole machine)."""
+        for row in rows:
+            key, failures, until = str(row[0]), [float(t) for t in row[1]], float(row[2])
+            e = self.entries.get(key)
+            if e is None:
+                e = self.entries[key] = _Entry()
+            e.failures = sorted(set(e.failures) | set(failures))
+            e.locked_until = max(e.locked_until, until)
+        while len(self.entries) > MAX_KEYS:
+            self.entries.popitem(last=False)
+
 
 class Throttle:
     """Counts login failures and says how long to wait or whether to refuse."""
@@ -122,6 +138,10 @@ class Throttle:
 
     def failed(self, ip: str, username: str) -> float:
         """Record a failure; the delay (seconds) to wait before answering it."""
+        _share(self, "fail", ip, username)
+        return self._failed(ip, username)
+
+    def _failed(self, ip: str, username: str) -> float:
         now = self._now()
         n = self._ips.fail(ip, now) if ip else 0
         user = self._user_key(username)
@@ -133,6 +153,10 @@ class Throttle:
         return float(min(self.policy.max_delay, 0.25 * (2 ** min(over - 1, 16))))
 
     def succeeded(self, ip: str, username: str) -> None:
+        _share(self, "ok", ip, username)
+        self._succeeded(ip, username)
+
+    def _succeeded(self, ip: str, username: str) -> None:
         now = self._now()
         user = self._user_key(username)
         if ip:
@@ -150,6 +174,76 @@ class Throttle:
 
 
 _throttles: dict[Policy, Throttle] = {}
+
+
+# With worker processes (runtime/workers.py) every process counts every failure: each tells
+# the others through the peer bus, so spreading attempts over processes gains nothing.
+def _policy_key(policy: Policy) -> str:
+    return repr(policy)
+
+
+def _share(t: Throttle, event: str, ip: str, username: str) -> None:
+    if _bus_publish is not None:
+        _bus_publish("auth_throttle", {"k": _policy_key(t.policy), "e": event, "ip": ip, "u": username})
+
+
+def _on_peer_event(p: dict[str, Any]) -> None:
+    for policy, t in _throttles.items():
+        if _policy_key(policy) == p.get("k"):
+            ip, user = str(p.get("ip") or ""), str(p.get("u") or "")
+            if p.get("e") == "fail":
+                t._failed(ip, user)
+            elif p.get("e") == "ok":
+                t._succeeded(ip, user)
+
+
+STATE_CHUNK = 20  # keys per state line (the bus reads lines of at most 4 KiB)
+
+
+def _state_lines(t: Throttle) -> list[dict[str, Any]]:
+    key = _policy_key(t.policy)
+    out: list[dict[str, Any]] = []
+    for name, rows in (("ips", t._ips.export()), ("users", t._users.export()),
+                       ("good", [[u, list(g.items())] for u, g in t._good.items()])):
+        for i in range(0, len(rows), STATE_CHUNK):
+            out.append({"k": key, name: rows[i : i + STATE_CHUNK]})
+    return out
+
+
+def _on_peer_state(p: dict[str, Any]) -> None:
+    for policy, t in _throttles.items():
+        if _policy_key(policy) != p.get("k"):
+            continue
+        t._ips.merge(p.get("ips") or [])
+        t._users.merge(p.get("users") or [])
+        for user, ips in p.get("good") or []:
+            good = t._good.setdefault(str(user), {})
+            for ip, when in ips:
+                good[str(ip)] = max(good.get(str(ip), 0.0), float(when))
+
+
+_bus_publish: Callable[[str, dict[str, Any]], None] | None = None
+
+
+def join_peer_bus(hand_over: bool = False) -> None:
+    """Called once a process has joined runtime.peerbus (kept out of import time: check-config
+    imports this module for Policy and must not pull asyncio in). With `hand_over` (the
+    supervisor, which outlives workers), a process that joins later gets the current counts,
+    so a lockout survives the workers a reload replaces."""
+    global _bus_publish
+    from pymaddy.runtime import peerbus
+
+    peerbus.subscribe("auth_throttle", _on_peer_event)
+    peerbus.subscribe("auth_throttle_state", _on_peer_state)
+    if hand_over:
+        peerbus.on_join(_hand_over)
+    _bus_publish = peerbus.publish
+
+
+def _hand_over(pid: int) -> None:
+    from pymaddy.runtime import peerbus
+
+    peerbus.send_bulk(pid, "auth_throttle_state", [line for t in _throttles.values() for line in _state_lines(t)])
 
 
 def throttle_for(policy: Policy | None) -> Throttle | None:

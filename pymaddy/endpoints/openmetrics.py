@@ -135,6 +135,7 @@ class OpenMetrics(StreamEndpoint):
         elif req.method not in ("GET", "HEAD"):
             status, body, ctype = 405, b"method not allowed\n", "text/plain; charset=utf-8"
         else:
+            await self.ctx.metrics.refresh()  # the worker processes' latest counts
             status, body, ctype = 200, self.ctx.metrics.render().encode(), CONTENT_TYPE
         self.log.debug("request", method=req.method, path=path, src=conn.remote, status=status)
         extra = {"Allow": "GET, HEAD"} if status == 405 else {}

@@ -16,6 +16,7 @@ works on the files directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -70,22 +71,72 @@ class Server(UnixSocketServer):
         self.handler = handler
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests, one JSON object per line, until the client closes. A request with
+        "noreply" (a worker handing over entries, several per connection) gets no answer."""
+        timeout: float | None = 10  # the CLI's one request; a worker's connection stays open
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            try:
-                req = json.loads(line)
-            except ValueError:
-                req = None
-            if isinstance(req, dict):
+            while True:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+                if not line:
+                    return
                 try:
-                    reply = await self.handler(req)
-                except Exception as e:
-                    reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
-            else:
-                reply = {"ok": False, "error": "malformed request"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), 10)
+                    req = json.loads(line)
+                except ValueError:
+                    req = None
+                if isinstance(req, dict):
+                    try:
+                        reply = await self.handler(req)
+                    except Exception as e:
+                        reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+                    if req.get("noreply"):
+                        timeout = None
+                        continue
+                else:
+                    reply = {"ok": False, "error": "malformed request"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await asyncio.wait_for(writer.drain(), 10)
         except (ConnectionError, OSError, TimeoutError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()
+
+
+class Handoff:
+    """A worker process's channel to the supervisor's engine: "this entry is committed,
+    deliver it". Never blocks the event loop; an entry whose notice is lost is found by the
+    engine's periodic scan (Config.rescan) — it is on disk either way."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+
+    def send(self, entry_id: str, helo: str) -> bool:
+        data = json.dumps({"op": "new", "id": entry_id, "helo": helo, "noreply": True}).encode() + b"\n"
+        for _ in range(2):  # a connection the supervisor closed is found on the first write
+            if self.sock is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                try:
+                    unixsock.connect(s, self.path)
+                except OSError:
+                    s.close()
+                    return False
+                self.sock = s
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.close()
+                continue
+            if n < len(data):
+                self.close()  # half a line: the engine drops it as malformed
+                return False
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None

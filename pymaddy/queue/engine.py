@@ -32,7 +32,7 @@ from pymaddy.mail.message import Body, Header, MsgMeta, new_msg_id
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget, PartialDelivery
 from pymaddy.queue import control, dsn
 from pymaddy.queue.schedule import NO_TRIES, next_attempt, retry_at
-from pymaddy.queue.store import MetaError, MissingFiles, QueueMeta, RcptError, Store
+from pymaddy.queue.store import MetaError, MissingFiles, QueueMeta, RcptError, Store, valid_id
 from pymaddy.runtime.log import Logger
 from pymaddy.runtime.metrics import Gauge, Registry
 
@@ -57,12 +57,15 @@ class Config:
     delay_notify_after: float | None = None
     name: str = ""  # instance name, the `module` label of maddy_queue_length
     metrics: Registry | None = None
+    # Worker processes commit entries and hand them over (control "new"); every `rescan`
+    # seconds the engine also looks for committed entries it was not told of. None: one process.
+    rescan: float | None = None
 
 
 class Entry:
     """One queued message as the scheduler knows it."""
 
-    __slots__ = ("due", "fresh", "id", "removed", "running", "seq")
+    __slots__ = ("due", "fresh", "helo", "id", "removed", "running", "seq")
 
     def __init__(self, entry_id: str) -> None:
         self.id = entry_id
@@ -74,6 +77,7 @@ class Entry:
         # client's HELO (maddy's Conn, which is not written to disk) are still in memory,
         # and so is a small body (None: read the file).
         self.fresh: tuple[QueueMeta, Header, str, bytes | None] | None = None
+        self.helo = ""  # the client's HELO when a worker process handed the entry over
 
 
 def to_rcpt_error(err: BaseException) -> RcptError:
@@ -109,6 +113,8 @@ class Engine:
         self.wake = asyncio.Event()
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._scanning: asyncio.Task[None] | None = None
+        self._next_scan = 0.0
         self.fresh_bytes = 0  # sum of the bodies held in Entry.fresh
         self.control = control.Server(control.socket_path(runtime_dir, location), self.handle_control)
 
@@ -161,10 +167,11 @@ class Engine:
     async def shutdown(self, timeout: float = SHUTDOWN_WAIT) -> None:
         self.stopping = True
         self.wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._scanning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.control.stop()
         if self.running:
             _, pending = await asyncio.wait(set(self.running), timeout=timeout)
@@ -229,6 +236,40 @@ class Engine:
         e.removed = False
         self._schedule(e, 0.0)
 
+    def adopt(self, entry_id: str, helo: str = "") -> bool:
+        """An entry another process committed (a worker's target.queue): attempt it now.
+        False when the engine knows it already (a second notice, or the scan was first)."""
+        if entry_id in self.entries:
+            return False
+        e = self._entry(entry_id)
+        e.helo = helo
+        self._schedule(e, 0.0)
+        return True
+
+    def _rescan_due(self, now: float) -> float | None:
+        """With worker processes: start a look for entries nobody announced when one is due;
+        the seconds until the next one (None: no scanning)."""
+        every = self.cfg.rescan if self.owners else None
+        if not every:
+            return None
+        if self._next_scan == 0.0:
+            self._next_scan = now + every
+        if now >= self._next_scan:
+            self._next_scan = now + every
+            if self._scanning is None or self._scanning.done():  # else skip this turn
+                self._scanning = asyncio.create_task(self._rescan())
+        return max(0.0, self._next_scan - now)
+
+    async def _rescan(self) -> None:
+        try:
+            ids = await asyncio.to_thread(self.store.committed_ids)
+        except OSError as e:
+            self.log.error("queue scan failed", err=e)
+            return
+        for entry_id in ids:
+            if self.adopt(entry_id):
+                self.log.msg("picked up a queued message the worker's notice did not announce", msg_id=entry_id)
+
     async def _run(self) -> None:
         while not self.stopping:
             self.wake.clear()
@@ -245,6 +286,9 @@ class Engine:
                 # Bounded, so a clock step cannot make the loop oversleep by much.
                 timeout = min(self.heap[0][0] - now, 60.0)
             # else: nothing queued, or all slots busy (a finishing attempt sets `wake`)
+            scan_in = self._rescan_due(now)
+            if scan_in is not None:
+                timeout = scan_in if timeout is None else min(timeout, scan_in)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
 
@@ -275,7 +319,7 @@ class Engine:
                     body = self.store.body(e.id) if data is None else Body(data)
                 else:
                     meta, header, body = await asyncio.to_thread(self._read, e.id)
-                    helo = ""
+                    helo = e.helo
             except FileNotFoundError:
                 self._drop(e)  # removed behind our back (the CLI with no server, an admin)
                 return
@@ -453,8 +497,13 @@ class Engine:
 
     async def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         op, entry_id = req.get("op"), req.get("id")
-        if entry_id is not None and not isinstance(entry_id, str):
+        if entry_id is not None and not (isinstance(entry_id, str) and valid_id(entry_id)):
             return {"ok": False, "error": "bad id"}
+        if op == "new":
+            if not entry_id:
+                return {"ok": False, "error": "an entry ID is required"}
+            self.adopt(entry_id, str(req.get("helo") or ""))
+            return {"ok": True}
         if op == "flush":
             return self.flush(entry_id)
         if op == "remove":

@@ -419,6 +419,13 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.rename(self.path(entry_id, META), self.path(entry_id, BROKEN))
 
+    def committed_ids(self) -> list[str]:
+        """IDs whose meta, header and body all exist; touches nothing (the engine's periodic
+        look for entries worker processes committed, while they may be writing others)."""
+        names = set(os.listdir(self.location))
+        return sorted(n[: -len(META)] for n in names
+                      if n.endswith(META) and n[: -len(META)] + HEADER in names and n[: -len(META)] + BODY in names)
+
     # start-up
 
     def scan(self) -> ScanResult:

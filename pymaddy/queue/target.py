@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pymaddy.mail.errors import SMTPError
 from pymaddy.mail.message import Body, Header, MsgMeta, new_msg_id
 from pymaddy.pipeline.interfaces import Delivery, DeliveryTarget
+from pymaddy.queue import control
 from pymaddy.queue import engine as engine_mod
 from pymaddy.queue.store import QueueMeta
 from pymaddy.runtime.module import Module, ModuleError, RuntimeContext
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["QueueDelivery", "QueueTarget"]
 
 ID_RETRIES = 8
+# With worker processes: seconds between the engine's looks for entries whose hand-over was lost
+# (PYMADDY_QUEUE_RESCAN shortens it for tests).
+RESCAN = float(os.environ.get("PYMADDY_QUEUE_RESCAN") or 30.0)
 
 
 def resolve_location(location: str, state_dir: str) -> str:
@@ -44,6 +48,7 @@ class QueueTarget(Module, DeliveryTarget):
         self.location = resolve_location(loc, ctx.state_dir)
         self.hostname = str(self.settings.get("hostname") or "")
         self.engine: engine_mod.Engine | None = None
+        self.handoff: control.Handoff | None = None
 
     def _config(self) -> engine_mod.Config:
         from pymaddy.pipeline.runner import PipelineRunner, module_of
@@ -68,19 +73,23 @@ class QueueTarget(Module, DeliveryTarget):
             delay_notify_after=float(delay) if delay else None,
             name=self.inst.instance,
             metrics=self.ctx.metrics,
+            rescan=RESCAN if self.ctx.processes > 1 else None,
         )
 
     async def start(self) -> None:
         if self.engine is not None:
             return
         cfg = self._config()
-        if self.ctx.options.management:
+        if self.ctx.options.management or self.ctx.worker:
             # A management command opened a block that reaches this queue: it must not attempt
             # deliveries beside the server (nor take over its control socket). What it queues
-            # stays on disk and the server loads it at its next start.
+            # stays on disk and the server loads it at its next start. A worker process writes
+            # entries the same way and hands each to the supervisor's engine as it commits.
             self.engine = engine_mod.Engine(self.location, self.ctx.runtime_dir)
             self.engine.owners.append((self, cfg))
             await asyncio.to_thread(self.engine.store.ensure_dir)
+            if self.ctx.worker:
+                self.handoff = control.Handoff(self.engine.control.path)
             return
         try:
             self.engine = await engine_mod.acquire(self, self.location, self.ctx.runtime_dir, cfg)
@@ -88,9 +97,12 @@ class QueueTarget(Module, DeliveryTarget):
             raise ModuleError(f"queue: {self.location}: {e.strerror or e}") from None
 
     async def stop(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
         if self.engine is not None:
             self.engine = None
-            if not self.ctx.options.management:
+            if not (self.ctx.options.management or self.ctx.worker):
                 await engine_mod.release(self)
 
     async def start_delivery(self, meta: MsgMeta, mail_from: str) -> Delivery:
@@ -169,7 +181,12 @@ class QueueDelivery(Delivery):
             self.q.log.msg("queue ID collision, using a new ID", msg_id=old)
         self.done = True
         assert self.header is not None
-        self.engine.add_new(self.meta, self.header, self.helo, data)
+        handoff = self.q.handoff
+        if handoff is None:
+            self.engine.add_new(self.meta, self.header, self.helo, data)
+        elif not handoff.send(self.meta.msg.id, self.helo):
+            self.q.log.msg("could not hand the queued message over to the supervisor; its next queue "
+                           "scan picks it up", msg_id=self.meta.msg.id)
 
     async def commit(self) -> None:
         if self.done:

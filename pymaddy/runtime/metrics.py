@@ -20,8 +20,8 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import ClassVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ClassVar
 
 __all__ = ["REGISTRY", "Counter", "Family", "Gauge", "Registry"]
 
@@ -164,6 +164,27 @@ class Registry:
         with self._lock:
             self._collectors.append(fn)
 
+    def snapshot(self) -> list[Snapshot]:
+        """The registered families' values, for another process to add to its own (workers)."""
+        with self._lock:
+            fams = list(self._families.values())
+        return [(f.name, f.type, f.help, list(f.labelnames), [[list(k), v] for k, v in f.samples()]) for f in fams]
+
+    def set_remote(self, fn: Callable[[], Iterable[Snapshot]] | None) -> None:
+        """Families of other processes (the workers), summed into ours at each scrape."""
+        self._remote = fn
+
+    _remote: Callable[[], Iterable[Snapshot]] | None = None
+    _refresh: Callable[[], Awaitable[None]] | None = None
+
+    def set_refresh(self, fn: Callable[[], Awaitable[None]] | None) -> None:
+        """Called before a scrape's render: fetch the remote families' current values."""
+        self._refresh = fn
+
+    async def refresh(self) -> None:
+        if self._refresh is not None:
+            await self._refresh()
+
     def render(self) -> str:
         with self._lock:
             fams = list(self._families.values())
@@ -173,7 +194,40 @@ class Registry:
                 fams.extend(c())
             except Exception:  # a broken collector must not break the scrape
                 continue
+        if self._remote is not None:
+            fams = _merged(fams, self._remote())
         return "".join(f.render() for f in sorted(fams, key=lambda f: f.name))
+
+
+Snapshot = tuple[str, str, str, list[str], list[list[Any]]]  # name, type, help, labels, [[key, value]]
+_TYPES: dict[str, type[Family]] = {"counter": Counter, "gauge": Gauge}
+
+
+def _merged(fams: list[Family], remote: Iterable[Snapshot]) -> list[Family]:
+    """Copies of `fams` with the remote values added (same name, type and labels); remote-only
+    families appear as they are. Mismatching ones are left out rather than misreported."""
+    out: dict[str, Family] = {}
+    for f in fams:
+        copy = type(f)(f.name, f.help, f.labelnames)
+        copy._values = dict(f.samples())
+        out[f.name] = copy
+    for name, typ, help_, labels, samples in remote:
+        cls = _TYPES.get(typ)
+        if cls is None:
+            continue
+        fam = out.get(name)
+        if fam is None:
+            try:
+                fam = out[name] = cls(name, help_, labels)
+            except ValueError:
+                continue
+        if type(fam) is not cls or list(fam.labelnames) != list(labels):
+            continue
+        for key, value in samples:
+            k = tuple(str(x) for x in key)
+            if len(k) == len(fam.labelnames) and isinstance(value, int | float):
+                fam._values[k] = fam._values.get(k, 0.0) + float(value)
+    return list(out.values())
 
 
 REGISTRY = Registry()

@@ -46,7 +46,7 @@ from pymaddy.compiler.compile import CompileResult, compile_file
 from pymaddy.compiler.graph import Graph, ModuleInstance
 from pymaddy.compiler.registry import registry
 from pymaddy.config.values import Endpoint as Address
-from pymaddy.runtime import metrics, privileges, sdnotify
+from pymaddy.runtime import metrics, peerbus, privileges, sdnotify
 from pymaddy.runtime.listeners import Listener, ListenerRegistry, ListenError
 from pymaddy.runtime.log import (
     Logger,
@@ -61,7 +61,7 @@ from pymaddy.runtime.module import EndpointModule, Module, ModuleError, RuntimeC
 from pymaddy.runtime.options import RunOptions
 from pymaddy.runtime.privileges import PrivilegeError, Target
 from pymaddy.runtime.watch import ConfigWatcher
-from pymaddy.runtime.workers import WorkerPool, shares
+from pymaddy.runtime.workers import METRICS_TOPIC, READY_TOPIC, WorkerPool, shares
 
 __all__ = ["RunOptions", "StartFailure", "Supervisor", "run"]
 
@@ -389,11 +389,26 @@ class Supervisor:
             processes=self.pool.processes_for(graph, self.workers_blocked),
         )
 
+    async def _join_peer_bus(self, runtime_dir: str) -> None:
+        try:
+            await peerbus.start(runtime_dir)
+        except OSError as e:
+            self.log.error("cannot listen for events from the worker processes", err=e)
+            return
+        from pymaddy.auth import throttle
+
+        throttle.join_peer_bus(hand_over=True)
+        peerbus.subscribe(METRICS_TOPIC, self.pool.on_metrics)
+        peerbus.subscribe(READY_TOPIC, self.pool.on_ready)
+        metrics.REGISTRY.set_remote(self.pool.remote_metrics)
+        metrics.REGISTRY.set_refresh(self.pool.refresh_metrics)
+
     async def _start_workers(self, gen: Generation) -> None:
         """Hand the generation's IMAP listeners to its worker processes (replacing older ones)."""
         n = gen.ctx.processes
         fds: dict[str, list[int]] = {}
         if n > 1:
+            await self._join_peer_bus(gen.ctx.runtime_dir)
             indexes, _ = shares(gen.graph)
             by_inst = {id(ep.inst): ep for ep in gen.endpoints}
             for i in indexes:
@@ -739,6 +754,7 @@ class Supervisor:
         self.notify(sdnotify.STOPPING, "Waiting for current configuration to stop...")
         await asyncio.gather(*(g.stop(budget=FINAL_STOP_BUDGET) for g in gens))
         self.registry.close_all()
+        await peerbus.stop()
         if self.background:
             await asyncio.wait(list(self.background), timeout=0.5)
         metrics.UP.set(0)

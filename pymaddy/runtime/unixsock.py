@@ -43,6 +43,8 @@ def connect(sock: socket.socket, path: str) -> None:
 
 
 class UnixSocketServer:
+    limit = MAX_LINE  # longest line a client may send
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._server: asyncio.AbstractServer | None = None
@@ -61,7 +63,7 @@ class UnixSocketServer:
         except BaseException:
             sock.close()
             raise
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=self.limit)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
             self._ino = os.stat(self.path).st_ino

@@ -1,15 +1,16 @@
-"""A worker process: serves the supervisor's IMAP endpoints on the sockets it was handed.
+"""A worker process: serves the supervisor's client endpoints on the sockets it was handed.
 
 Started by runtime/workers.py, never by a user. It compiles the same configuration
-file, builds only the IMAP endpoints and the modules they reach, and accepts on the
-inherited listening sockets next to the supervisor.
+file, builds only the imap/smtp/submission/lmtp endpoints and the modules they reach,
+and accepts on the inherited listening sockets next to the supervisor.
 
 Invariants:
 - Never binds a listening socket: a configuration that no longer matches the
   descriptors it was given (edited between the supervisor's load and ours) makes it
   exit with status 1, and the supervisor's reload brings fresh workers.
-- Runs no singleton: modules see `ctx.worker` and leave queue engines, database
-  maintenance and garbage collection to the supervisor.
+- Runs no singleton: modules see `ctx.worker` and leave queue engines (target.queue
+  hands its committed entries over), database maintenance, garbage collection and the
+  MTA-STS cache refresh to the supervisor.
 - Exits 0 once its sessions have drained: after SIGUSR2 (retired by a reload) within the
   endpoints' own drain time, after SIGTERM or when the supervisor is gone (EOF on the
   parent pipe) within STOP_GRACE, so no orphan keeps serving an old configuration.
@@ -27,8 +28,9 @@ import socket
 import sys
 import traceback
 
+from pymaddy.auth import throttle
 from pymaddy.compiler.compile import compile_file
-from pymaddy.runtime import metrics
+from pymaddy.runtime import metrics, peerbus
 from pymaddy.runtime.listeners import Listener
 from pymaddy.runtime.log import Logger, LogTargetError, bridge_stdlib_logging, open_targets, stderr_fallback
 from pymaddy.runtime.module import RuntimeContext
@@ -41,7 +43,15 @@ from pymaddy.runtime.supervisor import (
     _internal,
     missing_runtimes,
 )
-from pymaddy.runtime.workers import LISTEN_ENV, PARENT_ENV, shares
+from pymaddy.runtime.workers import (
+    LISTEN_ENV,
+    METRICS_INTERVAL,
+    METRICS_REQUEST,
+    METRICS_TOPIC,
+    PARENT_ENV,
+    READY_TOPIC,
+    shares,
+)
 
 
 class Worker:
@@ -85,6 +95,9 @@ class Worker:
                              metrics=metrics.REGISTRY, state_dir=state_dir,
                              runtime_dir=str(graph.globals["runtime_dir"]), processes=self.processes,
                              worker=True)
+        await peerbus.start(ctx.runtime_dir)
+        throttle.join_peer_bus()
+        peerbus.subscribe(METRICS_REQUEST, lambda _p: self._send_metrics())
         gen = Generation(self.generation, ctx)
         gen.build(only=closure)
         by_inst = {id(ep.inst): ep for ep in gen.endpoints}
@@ -101,6 +114,7 @@ class Worker:
         self.gen = gen
         await gen.start()
         await gen.serve()
+        peerbus.send_to(os.getppid(), READY_TOPIC, {"pid": os.getpid()})
         self.log.msg("worker started", pid=os.getpid(), slot=self.slot)
 
     def _parent_gone(self, fd: int) -> None:
@@ -137,6 +151,7 @@ class Worker:
             if self.gen is not None:
                 await self.gen.stop()
             return 1
+        reporter = asyncio.ensure_future(self._report_metrics())
         await self.stop.wait()
         gen = self.gen
         assert gen is not None
@@ -154,9 +169,21 @@ class Worker:
                 await gen.drain(STOP_GRACE, close_idle=True)
                 drain.cancel()
         await gen.stop(budget=FINAL_STOP_BUDGET)
+        reporter.cancel()
+        self._send_metrics()  # the last counts, so the supervisor's totals do not lose them
+        await peerbus.stop()
         self.log.debug("worker stopped", pid=os.getpid())
         self.log.output.close()
         return 0
+
+    def _send_metrics(self) -> None:
+        peerbus.send_to(os.getppid(), METRICS_TOPIC, {"pid": os.getpid(), "f": metrics.REGISTRY.snapshot()})
+
+    async def _report_metrics(self) -> None:
+        """The supervisor's openmetrics endpoint adds the workers' counters to its own."""
+        while True:
+            self._send_metrics()
+            await asyncio.sleep(METRICS_INTERVAL)
 
     def _hurry(self) -> None:
         self.hurry.set()

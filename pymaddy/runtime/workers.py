@@ -1,9 +1,11 @@
-"""Extra server processes that share the supervisor's IMAP listeners (the `workers` directive).
+"""Extra server processes that share the supervisor's listeners (the `workers` directive).
 
-Why: one Python process saturates one core; IMAP sessions are independent of each
-other except through the database, so more processes accepting on the same sockets
-spread them over the CPUs (docs/multiprocess.md). SMTP endpoints stay in the
-supervisor for now: their queue engines are singletons.
+Why: one Python process saturates one core. Sessions are independent of each other
+except through the database, the queue directory and a few counters, so more processes
+accepting on the same sockets spread them over the CPUs (docs/multiprocess.md). Workers
+serve the imap, smtp, submission and lmtp endpoints; a queue they write to is delivered
+by the supervisor's engine (queue/control.Handoff), and counters that must be shared
+travel over runtime/peerbus.py.
 
 Invariants:
 - The supervisor keeps serving every endpoint itself, so a worker that is starting,
@@ -28,19 +30,27 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymaddy.compiler.graph import Graph, ModuleInstance, reachable
 from pymaddy.runtime.log import Logger
+from pymaddy.runtime.metrics import Snapshot
 from pymaddy.runtime.options import RunOptions
 
 LISTEN_ENV = "PYMADDY_WORKER_LISTENERS"  # JSON {"<endpoint index>": [fd, ...]}
 PARENT_ENV = "PYMADDY_WORKER_PARENT"  # read end of the supervisor's pipe
 WORKERS_ENV = "PYMADDY_WORKERS"  # overrides the `workers` directive (tests, benches)
 
-WORKER_ENDPOINTS = frozenset({"imap"})
+WORKER_ENDPOINTS = frozenset({"imap", "smtp", "submission", "lmtp"})
 # Modules that cannot run outside the supervisor: their password helper is a socketpair
 # only the supervisor holds (auth/privhelper.py).
 SUPERVISOR_ONLY = frozenset({"auth.shadow", "auth.pam"})
+READY_TOPIC = "worker_ready"
+READY_TIMEOUT = 15.0  # how long start-up and reloads wait for new workers to serve
+METRICS_TOPIC = "metrics"
+METRICS_INTERVAL = 2.0  # seconds between a worker's metrics snapshots to the supervisor
+METRICS_REQUEST = "metrics_request"  # a scrape asks the workers for their counts now
+METRICS_WAIT = 0.25  # ... and waits this long for them
 START_GRACE = 10.0  # a worker that dies sooner failed to start
 MAX_BACKOFF = 60.0
 
@@ -81,6 +91,7 @@ class _Worker:
     retiring: bool = False
     monitor: asyncio.Task[None] | None = None
     backoff: float = 1.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # serving, or gone
 
 
 @dataclass
@@ -103,6 +114,12 @@ class WorkerPool:
         self.retiring: list[_Worker] = []
         self.stopping = False
         self._parent_r, self._parent_w = os.pipe()  # workers hold the read end; EOF = we are gone
+        # Metrics: each live worker's last snapshot, and the counters of workers that exited
+        # (so a total never goes down when a worker is replaced).
+        self.snapshots: dict[int, list[Snapshot]] = {}
+        self.retired: dict[tuple[str, str, str, tuple[str, ...]], dict[tuple[str, ...], float]] = {}
+        self._dead: list[int] = []
+        self._asked: dict[int, asyncio.Future[None]] = {}
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -135,13 +152,25 @@ class WorkerPool:
             w = _Worker(slot, generation)
             self.current.append(w)
             await self._spawn(w)
+        # "server started" (and systemd's READY=1) once every process serves, so the first
+        # clients meet the configuration as a whole; a worker that cannot start says so itself.
+        waits = [asyncio.ensure_future(w.ready.wait()) for w in self.current]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=READY_TIMEOUT)
+            for t in pending:
+                t.cancel()
+            if pending:
+                self.log.error("worker processes are slow to start", err=f"{len(pending)} not ready after "
+                               f"{READY_TIMEOUT:.0f} s; serving meanwhile")
         for w in old:
             self._retire(w)
 
     async def _spawn(self, w: _Worker) -> None:
         plan = self.plan
         if plan is None or self.stopping:
+            w.ready.set()
             return
+        w.ready.clear()
         fds = sorted({fd for group in plan.fds.values() for fd in group})
         env = dict(os.environ)
         env[LISTEN_ENV] = json.dumps(plan.fds)
@@ -165,16 +194,72 @@ class WorkerPool:
                 cwd=self.launch_cwd, env=env)
         except OSError as e:
             self.log.error("cannot start a worker process", err=e)
+            w.ready.set()
             return
         w.started = time.monotonic()
         self.log.debug("worker started", pid=w.proc.pid, slot=w.slot, generation=w.generation)
         w.monitor = asyncio.create_task(self._watch(w))
 
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def on_ready(self, payload: dict[str, Any]) -> None:
+        for w in self.current:
+            if w.proc is not None and w.proc.pid == payload.get("pid"):
+                w.ready.set()
+
+    def on_metrics(self, payload: dict[str, Any]) -> None:
+        pid = payload.get("pid")
+        fams = payload.get("f")
+        if isinstance(pid, int) and isinstance(fams, list) and pid not in self._dead:
+            self.snapshots[pid] = [tuple(f) for f in fams if isinstance(f, list) and len(f) == 5]
+            fut = self._asked.pop(pid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def refresh_metrics(self) -> None:
+        """Ask every serving worker for its counts and wait briefly for the answers."""
+        from pymaddy.runtime import peerbus
+
+        loop = asyncio.get_running_loop()
+        futs = []
+        for w in self.current:
+            if w.proc is not None and w.proc.returncode is None and w.ready.is_set():
+                fut = self._asked.get(w.proc.pid)
+                if fut is None or fut.done():
+                    fut = self._asked[w.proc.pid] = loop.create_future()
+                    peerbus.send_to(w.proc.pid, METRICS_REQUEST, {})
+                futs.append(fut)
+        if futs:
+            await asyncio.wait(futs, timeout=METRICS_WAIT)
+
+    def _retire_metrics(self, pid: int) -> None:
+        self._dead.append(pid)  # a late snapshot must not count it twice
+        del self._dead[:-256]
+        for name, typ, help_, labels, samples in self.snapshots.pop(pid, []):
+            if typ != "counter":
+                continue
+            acc = self.retired.setdefault((name, typ, help_, tuple(labels)), {})
+            for key, value in samples:
+                k = tuple(str(x) for x in key)
+                acc[k] = acc.get(k, 0.0) + float(value)
+
+    def remote_metrics(self) -> list[Snapshot]:
+        out: list[Snapshot] = [(n, t, h, list(lb), [[list(k), v] for k, v in vals.items()])
+                               for (n, t, h, lb), vals in self.retired.items()]
+        for snaps in self.snapshots.values():
+            out.extend(snaps)
+        return out
+
+    # -- watching ----------------------------------------------------------------------------------
+
     async def _watch(self, w: _Worker) -> None:
         proc = w.proc
         assert proc is not None
         code = await proc.wait()
+        w.ready.set()
         self._cleanup(proc.pid)
+        # Its final snapshot arrives just before it exits; give it a moment, then keep its counters.
+        asyncio.get_running_loop().call_later(0.5, self._retire_metrics, proc.pid)
         if w.retiring or self.stopping:
             self.log.debug("worker exited", pid=proc.pid, status=code)
             return

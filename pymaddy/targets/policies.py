@@ -175,7 +175,8 @@ class MTASTSPolicy(Module, MXAuthPolicy):
                 await asyncio.to_thread(os.makedirs, self.cache.store.dir, 0o700, True)
             except OSError as e:
                 raise ModuleError(f"mx_auth.mtasts: {e}") from None
-        self._updater = asyncio.get_running_loop().create_task(self._update_loop())
+        if not self.ctx.worker:  # the supervisor refreshes the cache (one fetch per domain, not per process)
+            self._updater = asyncio.get_running_loop().create_task(self._update_loop())
 
     async def _update_loop(self) -> None:
         while True:

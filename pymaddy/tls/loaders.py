@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -307,6 +308,25 @@ def make_self_signed(names: Sequence[str], now: dt.datetime | None = None) -> Ce
     return CertPair(cert.public_bytes(serialization.Encoding.PEM), key_pem, cert, dns, ips, "self-signed")
 
 
+def _write_shared(path: str, pair: CertPair) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pair.key_pem + pair.chain_pem)
+    os.replace(tmp, path)
+
+
+def _read_shared(path: str) -> CertPair:
+    with open(path, "rb") as f:
+        data = f.read()
+    cert = x509.load_pem_x509_certificate(data)
+    key = serialization.load_pem_private_key(data, None)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    dns, ips = _san_names(cert)
+    return CertPair(cert.public_bytes(serialization.Encoding.PEM), key_pem, cert, dns, ips, "self-signed")
+
+
 class SelfSignedLoader(TLSLoader):
     """`tls.loader.self_signed`: a fresh in-memory certificate at every start.
 
@@ -322,9 +342,39 @@ class SelfSignedLoader(TLSLoader):
             names = [str(host) if host else "localhost"]
         return names
 
+    _shared: str | None = None  # the file this (supervisor) loader wrote for the workers
+
+    def _shared_path(self) -> str:
+        """Where the supervisor leaves the certificate for its worker processes: they must
+        present the same one (a client that pinned it would see another from each process)."""
+        digest = hashlib.sha1("\0".join([str(self.ctx.generation), *self.names()]).encode()).hexdigest()
+        return os.path.join(self.ctx.runtime_dir, f"self-signed-{digest}.pem")
+
     async def start(self) -> None:
+        shared = self._shared_path() if self.ctx.processes > 1 and self.ctx.runtime_dir else None
+        if shared is not None and self.ctx.worker:
+            try:
+                pair = await asyncio.to_thread(_read_shared, shared)
+            except (OSError, ValueError) as e:
+                self.log.error("cannot read the supervisor's self-signed certificate, making one", err=e)
+            else:
+                self._install([pair])
+                return
         try:
             pair = await asyncio.to_thread(make_self_signed, self.names())
         except ValueError as e:  # e.g. a name cryptography refuses
             raise ModuleError(f"tls.loader.self_signed: {e}") from None
+        if shared is not None and not self.ctx.worker:
+            try:
+                await asyncio.to_thread(_write_shared, shared, pair)
+                self._shared = shared
+            except OSError as e:
+                self.log.error("cannot share the self-signed certificate with the worker processes", err=e)
         self._install([pair])
+
+    async def stop(self) -> None:
+        path, self._shared = self._shared, None
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        await super().stop()
