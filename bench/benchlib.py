@@ -47,6 +47,22 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (pymaddy's worker processes)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:  # threads come and go
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def server_env() -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")

@@ -74,7 +74,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import PymaddyProcess, fmt, free_port, vm_kib
+from benchlib import PymaddyProcess, child_pids, fmt, free_port, vm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
@@ -101,6 +101,7 @@ state_dir {tmp}/state
 runtime_dir {tmp}/run
 hostname bench.test
 tls off
+workers {workers}
 
 auth.pass_table local_authdb {{
     table sql_table {{
@@ -418,9 +419,9 @@ class RssSampler(threading.Thread):
 class PymaddyServer(PymaddyProcess):
     """The real server in a fresh temp dir (benchlib.PymaddyProcess), accounts made with the CLI."""
 
-    def __init__(self, tmp: Path, port: int, users: Sequence[str], pw_hash: str) -> None:
+    def __init__(self, tmp: Path, port: int, users: Sequence[str], pw_hash: str, workers: str = "auto") -> None:
         conf = tmp / "maddy.conf"
-        conf.write_text(CONFIG.format(tmp=tmp, port=port))
+        conf.write_text(CONFIG.format(tmp=tmp, port=port, workers=workers))
         super().__init__(conf, tmp)
         self.port = port
         for u in users:
@@ -430,7 +431,10 @@ class PymaddyServer(PymaddyProcess):
         wait_port(port, 10)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+        """The server and its worker processes."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *child_pids(self.proc.pid)]
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -799,7 +803,8 @@ def run_target(name: str, args: argparse.Namespace, users: Sequence[str], small:
         if name == "pymaddy":
             tmp = Path(tempfile.mkdtemp(prefix="pymaddy-imap-bench-"))
             t = time.monotonic()
-            srv = PymaddyServer(tmp, free_port(), [*users, BIG_USER] if args.big_count else users, args.pymaddy_hash)
+            srv = PymaddyServer(tmp, free_port(), [*users, BIG_USER] if args.big_count else users, args.pymaddy_hash,
+                                args.workers)
             print(f"[pymaddy] started on port {srv.port} ({time.monotonic() - t:.1f} s with accounts)",
                   file=sys.stderr, flush=True)
             port, pid_fn, fresh = srv.port, srv.pids, True
@@ -1008,6 +1013,8 @@ def main() -> int:
                     help="password hash of pymaddy's accounts (default bcrypt4 = bcrypt at cost 4, ~1 ms: the "
                          "Dovecot anchor stores {PLAIN} passwords; bcrypt = `creds create`'s default cost)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", default="auto", help="pymaddy's `workers` directive (default auto: one "
+                    "process per CPU; 1 = a single process)")
     ap.add_argument("--quick", action="store_true",
                     help="short run: 8 s, 2 rounds, 1,000-message big mailbox, 5 samples (explicit options win)")
     ap.add_argument("--wait-quiet", type=float, default=600,

@@ -85,6 +85,7 @@ hostname relay.bench.test
 state_dir {tmp}/state
 runtime_dir {tmp}/run
 tls off
+workers {workers}
 
 target.remote outbound_delivery {{
 {mx_auth}}}
@@ -238,11 +239,11 @@ class Relay:
 class Pymaddy(Relay, PymaddyProcess):
     name = "pymaddy"
 
-    def __init__(self, dns_override: str, smtp_port: int, mx_auth: str) -> None:
+    def __init__(self, dns_override: str, smtp_port: int, mx_auth: str, workers: str = "auto") -> None:
         tmp = Path(tempfile.mkdtemp(prefix="outbound-bench-pymaddy-"))
         self.port = free_port()
         conf = tmp / "maddy.conf"
-        conf.write_text(PYMADDY_CONFIG.format(tmp=tmp, port=self.port,
+        conf.write_text(PYMADDY_CONFIG.format(tmp=tmp, port=self.port, workers=workers,
                                               mx_auth=MX_AUTH_LOOKUPS if mx_auth == "lookups" else ""))
         PymaddyProcess.__init__(self, conf, tmp,
                                 args=("-debug.dnsoverride", dns_override, "-debug.smtpport", str(smtp_port)))
@@ -491,7 +492,7 @@ class Bench:
 
     def relay(self, name: str, sink_ip: str, sink_port: int) -> Relay:
         if name == "pymaddy":
-            return Pymaddy(self.dns_override, sink_port, self.args.mx_auth)
+            return Pymaddy(self.dns_override, sink_port, self.args.mx_auth, self.args.workers)
         return Postfix(sink_ip, sink_port)
 
     def smtp_source(self, port: int, n: int, rcpt: str, timeout: float) -> str:
@@ -665,6 +666,7 @@ def main() -> int:
     ap.add_argument("--mx-auth", choices=("none", "lookups"), default="none",
                     help="pymaddy's target.remote mx_auth: none, or dane + mtasts + local_policy (no TLS floor)")
     ap.add_argument("--timeout", type=float, default=600, help="bound per phase, seconds")
+    ap.add_argument("--workers", default="auto", help="pymaddy's `workers` directive (default auto; 1 = one process)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     for tool in ("smtp-source", "smtp-sink"):

@@ -116,6 +116,19 @@ def test_delivered_mail_appears_with_delivery_headers(env: tuple[MailEnv, Server
         assert len(r.untagged) == 7 and b"* OK [UNSEEN 1]" in r.untagged[3], r.text()
 
 
+def test_header_fields_of_a_new_message_in_a_reused_row(env: tuple[MailEnv, Server]) -> None:
+    """SQLite gives the last row's id to the next message after an EXPUNGE: HEADER.FIELDS answers
+    (cached per message) must be the new message's."""
+    e, _ = env
+    with session(e, new_user(e)) as t:
+        t.cmd("SELECT INBOX")
+        for subject in ("First", "Second"):
+            assert t.cmd("APPEND INBOX", message(subject)).ok
+            r = t.cmd("UID FETCH * (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            assert r.untagged[-1].endswith(f"{{{len(subject) + 13}}}\r\nSubject: {subject}\r\n\r\n)".encode()), r.untagged
+            assert t.cmd("STORE 1:* +FLAGS.SILENT (\\Deleted)").ok and t.cmd("EXPUNGE").ok
+
+
 def test_header_search_on_messages_stored_before_the_search_columns(env: tuple[MailEnv, Server]) -> None:
     """Rows from before schema v5 have no search columns: the first header SEARCH fills them in."""
     e, _ = env

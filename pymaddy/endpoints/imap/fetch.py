@@ -163,7 +163,11 @@ def _render(sess: Session, v: View, m: Msg, items: list[FetchItem],
             data = m.data or b""
             out.append(b"RFC822.TEXT " + wire.literal(data[len(split_header(data)):]))
         elif it.section is not None:
-            data_: bytes | None = _section(it.section, header_bytes, message)
+            sec = it.section
+            if not sec.part and sec.specifier == "HEADER.FIELDS":
+                data_: bytes | None = _fields_cached(m, sec.fields, header_bytes)
+            else:
+                data_ = _section(sec, header_bytes, message)
             if data_ is not None and it.partial is not None:
                 start, length = it.partial
                 data_ = data_[start: start + length]
@@ -196,6 +200,25 @@ def header_fields_fast(header: bytes, names: tuple[str, ...]) -> bytes:
     parts = [p if p.endswith(b"\n") else p + b"\r\n" for p in rx.findall(block)]
     parts.append(b"\n" if b"\r\n" not in header and b"\n" in header else b"\r\n")
     return b"".join(parts)
+
+
+# HEADER.FIELDS answers by message: what a client's header listing asks for again at every
+# sync (Dovecot keeps the same in its cache file). Messages never change; the key holds the
+# row id with the blob key and the per-copy prefix, so a row id SQLite hands out again after an
+# expunge cannot find another message's answer.
+_FIELDS_CACHE: dict[tuple[int, str, bytes, tuple[str, ...]], bytes] = {}
+FIELDS_CACHE_MAX = 20_000
+
+
+def _fields_cached(m: Msg, names: tuple[str, ...], header: Any) -> bytes:
+    key = (m.id, m.blob_key, m.prefix, names)
+    out = _FIELDS_CACHE.get(key)
+    if out is None:
+        out = header_fields_fast(header(), names)
+        if len(_FIELDS_CACHE) >= FIELDS_CACHE_MAX:
+            del _FIELDS_CACHE[next(iter(_FIELDS_CACHE))]  # the oldest entry
+        _FIELDS_CACHE[key] = out
+    return out
 
 
 def _section(sec: Section, header: Any, message: Any) -> bytes | None:
