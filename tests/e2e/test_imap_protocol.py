@@ -125,7 +125,8 @@ def test_header_fields_of_a_new_message_in_a_reused_row(env: tuple[MailEnv, Serv
         for subject in ("First", "Second"):
             assert t.cmd("APPEND INBOX", message(subject)).ok
             r = t.cmd("UID FETCH * (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-            assert r.untagged[-1].endswith(f"{{{len(subject) + 13}}}\r\nSubject: {subject}\r\n\r\n)".encode()), r.untagged
+            want = f"{{{len(subject) + 13}}}\r\nSubject: {subject}\r\n\r\n)".encode()
+            assert r.untagged[-1].endswith(want), r.untagged
             assert t.cmd("STORE 1:* +FLAGS.SILENT (\\Deleted)").ok and t.cmd("EXPUNGE").ok
 
 

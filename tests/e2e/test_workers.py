@@ -13,6 +13,7 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_a_killed_worker_is_replaced_and_a_reload_retires_workers_gently(env: tu
 
 
 def test_workers_end_with_the_supervisor(env: tuple[MailEnv, Server]) -> None:
-    e, srv = env
+    _, srv = env
     worker = workers_of(srv.proc.pid)[0]
     srv.signal(signal.SIGTERM)
     assert srv.wait_exit() == 0
@@ -200,7 +201,8 @@ class IMAPSFrom(imaplib.IMAP4_SSL):
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        tls: ssl.SSLContext = self.ssl_context
+        return tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def imap_login(port: int, source: str, user: str, password: str) -> str:
