@@ -16,7 +16,6 @@ works on the files directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -108,35 +107,11 @@ class Handoff:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.sock: socket.socket | None = None
+        self.conn = unixsock.Peers()
 
     def send(self, entry_id: str, helo: str) -> bool:
         data = json.dumps({"op": "new", "id": entry_id, "helo": helo, "noreply": True}).encode() + b"\n"
-        for _ in range(2):  # a connection the supervisor closed is found on the first write
-            if self.sock is None:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.setblocking(False)
-                try:
-                    unixsock.connect(s, self.path)
-                except OSError:
-                    s.close()
-                    return False
-                self.sock = s
-            try:
-                n = self.sock.send(data)
-            except BlockingIOError:
-                return False
-            except OSError:
-                self.close()
-                continue
-            if n < len(data):
-                self.close()  # half a line: the engine drops it as malformed
-                return False
-            return True
-        return False
+        return self.conn.send(self.path, data)
 
     def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
+        self.conn.close()

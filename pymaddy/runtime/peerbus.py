@@ -110,7 +110,7 @@ class Bus:
         self.own = self.path(os.getpid())
         self.listener = _Listener(self.own)
         self.peers: list[str] = []
-        self.conns: dict[str, socket.socket] = {}
+        self.conns = unixsock.Peers()
         self._scanned = -self.RESCAN
         self._bulk: set[asyncio.Task[None]] = set()
 
@@ -118,7 +118,7 @@ class Bus:
         return os.path.join(self.dir, f"peers.{pid}.sock")
 
     def send_one(self, pid: int, obj: dict[str, Any]) -> None:
-        self._send(self.path(pid), json.dumps(obj, separators=(",", ":")).encode() + b"\n", retry=True)
+        self.conns.send(self.path(pid), json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     def joined(self, pid: int) -> None:
         self._scanned = -self.RESCAN  # include the newcomer in the next send
@@ -150,43 +150,12 @@ class Bus:
         if now - self._scanned >= self.RESCAN:
             self._scanned = now
             self.peers = [p for p in glob.glob(os.path.join(glob.escape(self.dir), "peers.*.sock")) if p != self.own]
-            for gone in set(self.conns) - set(self.peers):
-                self._drop(gone)
+            self.conns.keep_only(self.peers)
         for p in self.peers:
-            self._send(p, data, retry=True)
-
-    def _send(self, path: str, data: bytes, retry: bool) -> None:
-        s = self.conns.get(path)
-        if s is None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                unixsock.connect(s, path)
-            except OSError:
-                s.close()
-                return
-            self.conns[path] = s
-        try:
-            n = s.send(data)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(path)
-            if retry:
-                self._send(path, data, retry=False)
-            return
-        if n < len(data):
-            self._drop(path)
-
-    def _drop(self, path: str) -> None:
-        s = self.conns.pop(path, None)
-        if s is not None:
-            with contextlib.suppress(OSError):
-                s.close()
+            self.conns.send(p, data)
 
     async def close(self) -> None:
-        for p in list(self.conns):
-            self._drop(p)
+        self.conns.close()
         for t in list(self._bulk):
             t.cancel()
         await self.listener.stop()

@@ -77,3 +77,52 @@ class UnixSocketServer:
         with contextlib.suppress(OSError):
             if self._ino and os.stat(self.path).st_ino == self._ino:
                 os.unlink(self.path)
+
+
+class Peers:
+    """Kept-open connections to other local processes' sockets, written without ever blocking.
+
+    A write that finds the peer's buffer full is dropped whole (the stream stays intact; these
+    channels carry hints whose loss costs a poll), a connection the peer closed is opened again
+    once, and a line written by halves ends its connection (the reader discards the fragment).
+    """
+
+    def __init__(self) -> None:
+        self.conns: dict[str, socket.socket] = {}
+
+    def send(self, path: str, data: bytes, retry: bool = True) -> bool:
+        s = self.conns.get(path)
+        if s is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                connect(s, path)
+            except OSError:
+                s.close()
+                return False
+            self.conns[path] = s
+        try:
+            n = s.send(data)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.drop(path)  # the peer restarted or closed an idle connection
+            return self.send(path, data, retry=False) if retry else False
+        if n < len(data):
+            self.drop(path)
+            return False
+        return True
+
+    def keep_only(self, paths: list[str]) -> None:
+        for gone in set(self.conns) - set(paths):
+            self.drop(gone)
+
+    def drop(self, path: str) -> None:
+        s = self.conns.pop(path, None)
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        for p in list(self.conns):
+            self.drop(p)

@@ -12,7 +12,6 @@ stays the truth, and a lost notice costs at most one poll interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import json
 import socket
@@ -81,7 +80,7 @@ class Fanout:
         self.path = path
         self.own = own
         self.peers: list[str] = []
-        self.conns: dict[str, socket.socket] = {}
+        self.conns = unixsock.Peers()
         self._scanned = -self.RESCAN
 
     def send(self, updates: Iterable[Any]) -> None:
@@ -92,43 +91,12 @@ class Fanout:
         if now - self._scanned >= self.RESCAN:
             self._scanned = now
             self.peers = [p for p in peer_paths(self.path) if p != self.own]
-            for gone in set(self.conns) - set(self.peers):
-                self._drop(gone)
+            self.conns.keep_only(self.peers)
         for p in self.peers:
-            self._send(p, data, retry=True)
-
-    def _send(self, path: str, data: bytes, retry: bool) -> None:
-        s = self.conns.get(path)
-        if s is None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                unixsock.connect(s, path)
-            except OSError:
-                s.close()
-                return
-            self.conns[path] = s
-        try:
-            n = s.send(data)
-        except BlockingIOError:
-            return  # nothing written: the stream is intact, this notice is lost for that peer
-        except OSError:
-            self._drop(path)  # the peer restarted or closed an idle connection: reconnect once
-            if retry:
-                self._send(path, data, retry=False)
-            return
-        if n < len(data):
-            self._drop(path)  # half a line written: start over on a fresh connection next time
-
-    def _drop(self, path: str) -> None:
-        s = self.conns.pop(path, None)
-        if s is not None:
-            with contextlib.suppress(OSError):
-                s.close()
+            self.conns.send(p, data)
 
     def close(self) -> None:
-        for p in list(self.conns):
-            self._drop(p)
+        self.conns.close()
 
 
 IDLE_TIMEOUT = 3600.0  # a peer's kept-open connection; it reconnects when closed

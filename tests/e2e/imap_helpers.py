@@ -8,6 +8,7 @@ inline (`* 1 FETCH (BODY[] {5}\\r\\nhello)`) so a test can compare bytes.
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import re
 import socket
 import ssl
@@ -132,3 +133,40 @@ def message(subject: str = "Hello", body: str = "Hello, world!\r\n", frm: str = 
     return (f"From: Alice <{frm}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
             f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{abs(hash(subject))}@example.net>\r\n"
             f"{extra}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}").encode()
+
+
+class IMAPFrom(imaplib.IMAP4):
+    """imaplib from a chosen loopback source address (auth_throttle counts per address)."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self._source = source
+        super().__init__("127.0.0.1", port, timeout=10)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
+class IMAPSFrom(imaplib.IMAP4_SSL):
+    """The same over implicit TLS."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self._source = source
+        super().__init__("127.0.0.1", port, ssl_context=_client_ctx(), timeout=10)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+        tls: ssl.SSLContext = self.ssl_context
+        return tls.wrap_socket(sock, server_hostname=self.host)
+
+
+def login_from(port: int, source: str, user: str, password: str, *, tls: bool = False) -> str:
+    """LOGIN from `source`: "OK ..." or "NO ..." with the server's text."""
+    c: imaplib.IMAP4 = IMAPSFrom(port, source) if tls else IMAPFrom(port, source)
+    try:
+        typ, data = c.login(user, password)
+        return f"{typ} {data[0].decode()}"
+    except imaplib.IMAP4.error as e:
+        arg = e.args[0]
+        return "NO " + (arg.decode() if isinstance(arg, bytes) else str(arg))
+    finally:
+        c.shutdown()

@@ -6,11 +6,9 @@ Clients connect from different loopback addresses (127.0.0.2, .3, …) to play d
 
 from __future__ import annotations
 
-import imaplib
 import os
 import re
 import smtplib
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.harness import ROOT, Server, free_port
+from tests.e2e.imap_helpers import login_from
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,27 +97,8 @@ def smtp_login(port: int, source: str, user: str, password: str) -> tuple[int, s
         return code, msg.decode()
 
 
-class IMAPFrom(imaplib.IMAP4):
-    """imaplib from a chosen source address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-
-
 def imap_login(port: int, source: str, user: str, password: str) -> str:
-    c = IMAPFrom(port, source)
-    try:
-        typ, data = c.login(user, password)
-        return f"{typ} {data[0].decode()}"
-    except imaplib.IMAP4.error as e:
-        arg = e.args[0]
-        return "NO " + (arg.decode() if isinstance(arg, bytes) else str(arg))
-    finally:
-        c.shutdown()
+    return login_from(port, source, user, password)
 
 
 def test_username_lockout_spares_the_owners_address(server: tuple[Server, dict[str, int]]) -> None:

@@ -8,12 +8,9 @@ live in the worker or in the supervisor.
 from __future__ import annotations
 
 import contextlib
-import imaplib
 import os
 import signal
 import smtplib
-import socket
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Server, free_port, get, wait_until
-from tests.e2e.imap_helpers import Transcript, _client_ctx, message
+from tests.e2e.imap_helpers import Transcript, login_from, message
 from tests.e2e.scenario_helpers import MailEnv, make_env
 
 pytestmark = pytest.mark.timeout(90)
@@ -64,14 +61,24 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[MailEnv, Server]]:
+def start_with_worker(tmp_path: Path, extra: str = "") -> tuple[MailEnv, Server]:
+    """The scenario config with `workers 2` (+ `extra`), once the worker serves."""
     e = make_env(tmp_path)
-    e.conf.write_text(e.conf.read_text() + "\nworkers 2\n")
+    e.conf.write_text(e.conf.read_text() + "\nworkers 2\n" + extra)
     srv = e.server().started()
     try:
         wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
         srv.wait_for("worker started")
+    except BaseException:
+        srv.close()
+        raise
+    return e, srv
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[MailEnv, Server]]:
+    e, srv = start_with_worker(tmp_path)
+    try:
         yield e, srv
     finally:
         srv.close()
@@ -179,11 +186,8 @@ def test_workers_end_with_the_supervisor(env: tuple[MailEnv, Server]) -> None:
 
 
 def test_a_worker_exits_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    e = make_env(tmp_path)
-    e.conf.write_text(e.conf.read_text() + "\nworkers 2\n")
-    srv = e.server().started()
+    _, srv = start_with_worker(tmp_path)
     try:
-        wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
         worker = workers_of(srv.proc.pid)[0]
         srv.proc.kill()
         srv.wait_exit()
@@ -192,40 +196,15 @@ def test_a_worker_exits_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         srv.close()
 
 
-class IMAPSFrom(imaplib.IMAP4_SSL):
-    """imaplib over TLS from a chosen loopback source address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, ssl_context=_client_ctx(), timeout=10)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-        tls: ssl.SSLContext = self.ssl_context
-        return tls.wrap_socket(sock, server_hostname=self.host)
-
-
 def imap_login(port: int, source: str, user: str, password: str) -> str:
-    c = IMAPSFrom(port, source)
-    try:
-        typ, data = c.login(user, password)
-        return f"{typ} {data[0].decode()}"
-    except imaplib.IMAP4.error as e:
-        arg = e.args[0]
-        return "NO " + (arg.decode() if isinstance(arg, bytes) else str(arg))
-    finally:
-        c.shutdown()
+    return login_from(port, source, user, password, tls=True)
 
 
 def test_failed_logins_count_across_processes_and_reloads(tmp_path: Path) -> None:
     """auth_throttle: failures in the worker lock the address in the supervisor, and a worker
     started by a reload inherits the lockout."""
-    e = make_env(tmp_path)
-    e.conf.write_text(e.conf.read_text() + "\nworkers 2\nauth_throttle {\n delay_after 100\n ip_failures 3\n}\n")
-    srv = e.server().started()
+    e, srv = start_with_worker(tmp_path, "auth_throttle {\n delay_after 100\n ip_failures 3\n}\n")
     try:
-        wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
-        srv.wait_for("worker started")
         port = e.ports["imaps"]
         with stopped(srv.proc.pid):
             for i in range(3):
@@ -313,13 +292,9 @@ def _completed(port: int) -> float:
 
 def test_the_supervisors_metrics_count_the_workers_sessions(tmp_path: Path) -> None:
     """openmetrics (the supervisor) adds the workers' counters, also after a worker is replaced."""
-    e = make_env(tmp_path)
     mport = free_port()
-    e.conf.write_text(e.conf.read_text() + f"\nworkers 2\nopenmetrics tcp://127.0.0.1:{mport}\n")
-    srv = e.server().started()
+    e, srv = start_with_worker(tmp_path, f"openmetrics tcp://127.0.0.1:{mport}\n")
     try:
-        wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
-        srv.wait_for("worker started")
         worker = workers_of(srv.proc.pid)[0]
         with stopped(srv.proc.pid):
             for i in range(2):
