@@ -309,3 +309,25 @@ def test_the_supervisors_metrics_count_the_workers_sessions(tmp_path: Path) -> N
         assert _completed(mport) == 3  # the dead worker's counts are kept, not lost or doubled
     finally:
         srv.close()
+
+
+def test_a_reload_changes_the_number_of_processes(tmp_path: Path) -> None:
+    e, srv = start_with_worker(tmp_path)
+    try:
+        first = workers_of(srv.proc.pid)[0]
+        base = e.conf.read_text()
+        e.conf.write_text(base.replace("\nworkers 2\n", "\nworkers 1\n"))
+        srv.signal(signal.SIGUSR2)
+        srv.wait_for("new server started")
+        wait_until(lambda: not alive(first), what="the worker to retire")
+        assert workers_of(srv.proc.pid) == []
+        with session(e) as t:
+            assert t.cmd("SELECT INBOX").ok
+        e.conf.write_text(base.replace("\nworkers 2\n", "\nworkers 3\n"))
+        srv.signal(signal.SIGUSR2)
+        srv.wait_for("new server started", count=2)
+        assert len(workers_of(srv.proc.pid)) == 2  # 'server started' waits for them
+        with stopped(srv.proc.pid), session(e) as t:
+            assert t.cmd("SELECT INBOX").ok
+    finally:
+        srv.close()
