@@ -57,8 +57,8 @@ MAX_BACKOFF = 60.0
 
 def wanted(graph: Graph) -> int:
     """How many processes the configuration asks for (1 = the supervisor alone)."""
-    raw = os.environ.get(WORKERS_ENV)
-    n = int(graph.globals.get("workers") or 0) if raw is None else (int(raw) if raw.isdigit() else 1)
+    raw = os.environ.get(WORKERS_ENV) or ""  # empty: the configuration decides
+    n = (int(raw) if raw.isdigit() else 1) if raw else int(graph.globals.get("workers") or 0)
     if n == 0:  # auto
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, n)

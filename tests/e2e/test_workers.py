@@ -23,6 +23,7 @@ from tests.e2e.scenario_helpers import MailEnv, make_env
 
 pytestmark = pytest.mark.timeout(90)
 
+CONFIG_DECIDES = {"PYMADDY_WORKERS": ""}  # the `workers` lines here, whatever the environment says
 USER = "user@example.org"  # has credentials and an IMAP account in scenario_helpers
 PASSWORD = "user-secret-1"
 
@@ -65,7 +66,7 @@ def start_with_worker(tmp_path: Path, extra: str = "") -> tuple[MailEnv, Server]
     """The scenario config with `workers 2` (+ `extra`), once the worker serves."""
     e = make_env(tmp_path)
     e.conf.write_text(e.conf.read_text() + "\nworkers 2\n" + extra)
-    srv = e.server().started()
+    srv = Server(e.conf, env=CONFIG_DECIDES).started()
     try:
         wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
         srv.wait_for("worker started")
@@ -256,7 +257,7 @@ def test_the_worker_hands_queued_messages_to_the_supervisor(tmp_path: Path) -> N
     conf.write_text(QUEUE_CONFIG.format(tmp=tmp_path, port=port))
     env = MailEnv(tmp_path, conf, {"mx": port})
     assert env.cli("imap-acct", "create", USER).returncode == 0
-    srv = Server(conf, env={"PYMADDY_QUEUE_RESCAN": "1"}).started()
+    srv = Server(conf, env={**CONFIG_DECIDES, "PYMADDY_QUEUE_RESCAN": "1"}).started()
     try:
         wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
         srv.wait_for("worker started")
