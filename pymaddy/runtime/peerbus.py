@@ -32,11 +32,35 @@ JoinHook = Callable[[int], None]
 
 _handlers: dict[str, Handler] = {}
 _join_hooks: list[JoinHook] = []
+_leave_hooks: list[JoinHook] = []
 _bus: Bus | None = None
 
 
 def subscribe(topic: str, handler: Handler) -> None:
     _handlers[topic] = handler
+
+
+def active() -> bool:
+    return _bus is not None
+
+
+def on_leave(hook: JoinHook) -> None:
+    """Call `hook(pid)` when a process has gone (the supervisor announces a worker's exit), so
+    what it held in shared counts is let go."""
+    if hook not in _leave_hooks:
+        _leave_hooks.append(hook)
+
+
+def announce_leave(pid: int) -> None:
+    """The supervisor: `pid` exited. Every process (this one too) runs its leave hooks."""
+    _left(pid)
+    publish(LEFT, {"pid": pid})
+
+
+def _left(pid: int) -> None:
+    for hook in list(_leave_hooks):
+        with contextlib.suppress(Exception):
+            hook(pid)
 
 
 def on_join(hook: JoinHook) -> None:
@@ -70,6 +94,11 @@ def _dispatch(line: bytes) -> None:
     if not isinstance(obj, dict) or not isinstance(obj.get("p"), dict):
         return
     topic = str(obj.get("t"))
+    if topic == LEFT:
+        pid = obj["p"].get("pid")
+        if isinstance(pid, int):
+            _left(pid)
+        return
     if topic == HELLO:
         pid = obj["p"].get("pid")
         if _bus is not None and isinstance(pid, int):
@@ -100,6 +129,7 @@ class _Listener(UnixSocketServer):
 
 
 HELLO = "hello"
+LEFT = "left"
 
 
 class Bus:

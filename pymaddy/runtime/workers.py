@@ -258,6 +258,9 @@ class WorkerPool:
         code = await proc.wait()
         w.ready.set()
         self._cleanup(proc.pid)
+        from pymaddy.runtime import peerbus
+
+        peerbus.announce_leave(proc.pid)  # its share of `limits` concurrency is free again
         # Its final snapshot arrives just before it exits; give it a moment, then keep its counters.
         asyncio.get_running_loop().call_later(0.5, self._retire_metrics, proc.pid)
         if w.retiring or self.stopping:

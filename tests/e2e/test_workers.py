@@ -332,3 +332,57 @@ def test_a_reload_changes_the_number_of_processes(tmp_path: Path) -> None:
             assert t.cmd("SELECT INBOX").ok
     finally:
         srv.close()
+
+
+LIMITS_CONFIG = """
+state_dir {tmp}/state
+runtime_dir {tmp}/run
+hostname mx.example.org
+tls off
+workers 2
+
+smtp tcp://127.0.0.1:{port} {{
+    limits {{
+        all concurrency 1
+        all rate 3 60s
+    }}
+    defer_sender_reject no
+    deliver_to dummy
+}}
+"""
+
+
+def test_limits_count_every_process(tmp_path: Path) -> None:
+    """`limits` hold across processes: a message in the worker takes the only slot the
+    supervisor would give, and a killed worker's slot is let go."""
+    port = free_port()
+    conf = tmp_path / "maddy.conf"
+    conf.write_text(LIMITS_CONFIG.format(tmp=tmp_path, port=port))
+    srv = Server(conf, env=CONFIG_DECIDES).started()
+    try:
+        wait_until(lambda: len(workers_of(srv.proc.pid)) == 1, what="one worker process")
+        worker = workers_of(srv.proc.pid)[0]
+        with stopped(srv.proc.pid):
+            held = smtplib.SMTP("127.0.0.1", port, timeout=30)  # in the worker
+            held.ehlo("a.test")
+            assert held.mail("a@a.test")[0] == 250  # takes the one concurrency slot
+        with stopped(worker), smtplib.SMTP("127.0.0.1", port, timeout=30) as other:  # in the supervisor
+            other.ehlo("b.test")
+            t0 = time.monotonic()
+            code, text = other.mail("b@b.test")
+            assert (code, text.split(b" (msg ID")[0]) == (451, b"4.4.5 High load, try again later")
+            assert time.monotonic() - t0 > 4.5
+        os.kill(worker, signal.SIGKILL)  # its slot goes with it
+        held.close()
+        srv.wait_for("worker process exited, restarting it")
+        wait_until(lambda: workers_of(srv.proc.pid) not in ([], [worker]), what="the new worker")
+        with stopped(workers_of(srv.proc.pid)[0]):  # the supervisor, which saw the worker's token go
+            for sender in ("c@c.test", "d@d.test"):  # tokens 2 and 3 of `rate 3 60s`
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                    c.ehlo("c.test")
+                    assert c.mail(sender)[0] == 250
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                c.ehlo("e.test")
+                assert c.mail("e@e.test")[0] == 451
+    finally:
+        srv.close()
