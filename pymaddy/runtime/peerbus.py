@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -133,15 +132,13 @@ LEFT = "left"
 
 
 class Bus:
-    RESCAN = 1.0  # seconds between looks for processes that went away (newcomers say hello)
 
     def __init__(self, runtime_dir: str) -> None:
         self.dir = runtime_dir
         self.own = self.path(os.getpid())
         self.listener = _Listener(self.own)
-        self.peers: list[str] = []
-        self.conns = unixsock.Peers()
-        self._scanned = -self.RESCAN
+        pattern = os.path.join(glob.escape(runtime_dir), "peers.*.sock")
+        self.conns = unixsock.Peers(lambda: [p for p in glob.glob(pattern) if p != self.own])
         self._bulk: set[asyncio.Task[None]] = set()
 
     def path(self, pid: int) -> str:
@@ -151,7 +148,7 @@ class Bus:
         self.conns.send(self.path(pid), json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     def joined(self, pid: int) -> None:
-        self._scanned = -self.RESCAN  # include the newcomer in the next send
+        self.conns.rescan_soon()  # include the newcomer in the next send
         for hook in list(_join_hooks):
             with contextlib.suppress(Exception):
                 hook(pid)
@@ -175,14 +172,7 @@ class Bus:
             s.close()
 
     def send(self, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-        now = time.monotonic()
-        if now - self._scanned >= self.RESCAN:
-            self._scanned = now
-            self.peers = [p for p in glob.glob(os.path.join(glob.escape(self.dir), "peers.*.sock")) if p != self.own]
-            self.conns.keep_only(self.peers)
-        for p in self.peers:
-            self.conns.send(p, data)
+        self.conns.broadcast(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     async def close(self) -> None:
         self.conns.close()

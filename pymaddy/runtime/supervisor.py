@@ -414,8 +414,7 @@ class Supervisor:
             for i in indexes:
                 ep = by_inst[id(gen.graph.endpoints[i])]
                 fds[str(i)] = [self.registry.fileno(k) for k in gen.keys.get(id(ep), [])]
-            self.pool.set_runtime_dir(gen.ctx.runtime_dir)
-        await self.pool.replace(gen.number, n - 1, fds)
+        await self.pool.replace(gen.number, n - 1, fds, gen.ctx.runtime_dir)
 
     def _check(self, res: CompileResult) -> Graph:
         if not res.ok or res.graph is None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 
 MAX_LINE = 4096
@@ -87,8 +88,27 @@ class Peers:
     once, and a line written by halves ends its connection (the reader discards the fragment).
     """
 
-    def __init__(self) -> None:
+    RESCAN = 1.0  # seconds between looks for peers that started or went away
+
+    def __init__(self, discover: Callable[[], list[str]] | None = None) -> None:
         self.conns: dict[str, socket.socket] = {}
+        self.discover = discover  # the peers' socket paths, for broadcast()
+        self.peers: list[str] = []
+        self._scanned = -self.RESCAN
+
+    def broadcast(self, data: bytes) -> None:
+        """`data` to every discovered peer (looked for again at most every RESCAN seconds)."""
+        now = time.monotonic()
+        if self.discover is not None and now - self._scanned >= self.RESCAN:
+            self._scanned = now
+            self.peers = self.discover()
+            self.keep_only(self.peers)
+        for p in self.peers:
+            self.send(p, data)
+
+    def rescan_soon(self) -> None:
+        """A peer said it started: include it in the next broadcast."""
+        self._scanned = -self.RESCAN
 
     def send(self, path: str, data: bytes, retry: bool = True) -> bool:
         s = self.conns.get(path)

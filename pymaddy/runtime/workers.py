@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +112,7 @@ class WorkerPool:
         self.current: list[_Worker] = []
         self.retiring: list[_Worker] = []
         self.stopping = False
+        self.runtime_dir = ""
         self._parent_r, self._parent_w = os.pipe()  # workers hold the read end; EOF = we are gone
         # Metrics: each live worker's last snapshot, and the counters of workers that exited
         # (so a total never goes down when a worker is replaced).
@@ -143,11 +143,13 @@ class WorkerPool:
 
     # -- life cycle -----------------------------------------------------------------------------
 
-    async def replace(self, generation: int, count: int, fds: dict[str, list[int]]) -> None:
+    async def replace(self, generation: int, count: int, fds: dict[str, list[int]], runtime_dir: str) -> None:
         """Start `count` workers for `generation` with these listener descriptors, then retire
         the previous generation's workers (they drain their sessions and exit)."""
         old, self.current = self.current, []
         self.plan = _Plan(generation, count, fds)
+        if count:
+            self.runtime_dir = runtime_dir  # where a killed worker's sockets are left
         for slot in range(count):
             w = _Worker(slot, generation)
             self.current.append(w)
@@ -298,25 +300,16 @@ class WorkerPool:
             return
         suffix = f".{pid}.sock"
         with contextlib.suppress(OSError):
-            for d in self._runtime_dirs:
-                for name in os.listdir(d):
-                    if name.endswith(suffix):
-                        with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(d, name))
-
-    _runtime_dirs: tuple[str, ...] = ()
-
-    def set_runtime_dir(self, path: str) -> None:
-        self._runtime_dirs = (path,)
+            for name in os.listdir(self.runtime_dir):
+                if name.endswith(suffix):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.runtime_dir, name))
 
     def signal_all(self, sig: signal.Signals) -> None:
         for w in [*self.current, *self.retiring]:
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(sig)
-
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.current if w.proc is not None and w.proc.returncode is None]
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM every worker; SIGKILL the ones still running after `timeout`."""
@@ -341,8 +334,3 @@ class WorkerPool:
         for fd in (self._parent_r, self._parent_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def listener_fds(indexes: Iterable[int], listeners: list[list[int]]) -> dict[str, list[int]]:
-    """{"<endpoint index>": [fd, ...]} for the worker's environment."""
-    return {str(i): fds for i, fds in zip(indexes, listeners, strict=True)}

@@ -15,7 +15,6 @@ import asyncio
 import glob
 import json
 import socket
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,26 +73,13 @@ class Fanout:
     read (its socket buffer full) misses the notice and its sessions poll instead.
     """
 
-    RESCAN = 1.0  # seconds between looks for processes that started or went away
-
     def __init__(self, path: str, own: str) -> None:
-        self.path = path
-        self.own = own
-        self.peers: list[str] = []
-        self.conns = unixsock.Peers()
-        self._scanned = -self.RESCAN
+        self.conns = unixsock.Peers(lambda: [p for p in peer_paths(path) if p != own])
 
     def send(self, updates: Iterable[Any]) -> None:
         data = b"".join(encode(u) for u in updates)
-        if not data:
-            return
-        now = time.monotonic()
-        if now - self._scanned >= self.RESCAN:
-            self._scanned = now
-            self.peers = [p for p in peer_paths(self.path) if p != self.own]
-            self.conns.keep_only(self.peers)
-        for p in self.peers:
-            self.conns.send(p, data)
+        if data:
+            self.conns.broadcast(data)
 
     def close(self) -> None:
         self.conns.close()
